@@ -1,0 +1,79 @@
+"""Parallel layout flags (Megatron-LM spelling) and their checks against world size and model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot work; the message names the flags and the fix."""
+
+
+@dataclass(kw_only=True)
+class ParallelArgs:
+    tensor_model_parallel_size: int = field(default=1, metadata={"help": "Tensor parallel size (TP)."})
+    pipeline_model_parallel_size: int = field(default=1, metadata={"help": "Pipeline stages (PP)."})
+    virtual_pipeline_model_parallel_size: Optional[int] = field(
+        default=None, metadata={"help": "Virtual pipeline stages per rank (interleaved 1F1B)."})
+    context_parallel_size: int = field(default=1, metadata={"help": "Context parallel size (CP)."})
+    expert_model_parallel_size: int = field(default=1, metadata={"help": "Expert parallel size (EP)."})
+    expert_tensor_parallel_size: Optional[int] = field(
+        default=None, metadata={"help": "Tensor parallel size inside experts (default: TP)."})
+    sequence_parallel: bool = field(
+        default=False, metadata={"help": "Shard activations along the sequence over TP ranks."})
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "context_parallel_size", "expert_model_parallel_size"):
+            if getattr(self, name) < 1:
+                raise LayoutError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            self.sequence_parallel = False  # as Megatron-LM: SP is a no-op without TP
+
+    @property
+    def model_parallel_size(self) -> int:
+        return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                * self.context_parallel_size)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        self.validate_world_size(world_size)
+        return world_size // self.model_parallel_size
+
+    def validate_world_size(self, world_size: int) -> None:
+        mp = self.model_parallel_size
+        if world_size % mp:
+            raise LayoutError(
+                f"world size {world_size} is not divisible by --tensor_model_parallel_size "
+                f"{self.tensor_model_parallel_size} x --pipeline_model_parallel_size "
+                f"{self.pipeline_model_parallel_size} x --context_parallel_size "
+                f"{self.context_parallel_size} = {mp}; change the sizes or NPROC_PER_NODE")
+        ep = self.expert_model_parallel_size
+        if ep > 1 and (world_size // (self.pipeline_model_parallel_size)) % ep:
+            raise LayoutError(
+                f"--expert_model_parallel_size {ep} does not divide the ranks of one pipeline "
+                f"stage ({world_size // self.pipeline_model_parallel_size})")
+
+    def validate_model(self, *, num_layers: int, num_attention_heads: int,
+                       num_query_groups: int) -> None:
+        """Check the layout against the model's shape; raise LayoutError naming the flag."""
+        tp = self.tensor_model_parallel_size
+        if num_attention_heads % tp:
+            raise LayoutError(
+                f"--tensor_model_parallel_size {tp} does not divide num_attention_heads "
+                f"{num_attention_heads}; use a divisor of {num_attention_heads}")
+        if num_query_groups % tp:
+            raise LayoutError(
+                f"--tensor_model_parallel_size {tp} does not divide num_key_value_heads "
+                f"{num_query_groups}; use a divisor of {num_query_groups}")
+        pp = self.pipeline_model_parallel_size
+        vpp = self.virtual_pipeline_model_parallel_size or 1
+        if pp * vpp > num_layers:
+            raise LayoutError(
+                f"--pipeline_model_parallel_size {pp} x virtual stages {vpp} exceeds the "
+                f"model's {num_layers} layers")
+        if num_layers % (pp * vpp):
+            raise LayoutError(
+                f"num_layers {num_layers} is not divisible by --pipeline_model_parallel_size {pp}"
+                + (f" x --virtual_pipeline_model_parallel_size {vpp}" if vpp > 1 else "")
+                + "; pick sizes that divide it")

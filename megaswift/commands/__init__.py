@@ -1,0 +1,1 @@
+"""One module per `megatron <command>`; each exposes `run(argv)`."""

@@ -1,0 +1,119 @@
+"""Reading and writing HF safetensors folders: lazy per-tensor reads, sharded atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """An HF or MCore checkpoint that cannot be used; the message names the file and the fix."""
+
+
+class HFReader:
+    """Lazy access to the tensors of an HF folder: a tensor is read only when asked for."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.dir = Path(model_dir)
+        self._handles: dict[str, object] = {}
+        index = self.dir / INDEX
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(self.dir.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{self.dir} has no *.safetensors files (only safetensors "
+                                      "weights are read; convert .bin checkpoints first)")
+            weight_map = {}
+            for f in files:
+                for k in self._open(f.name).keys():
+                    weight_map[k] = f.name
+        self.weight_map: dict[str, str] = weight_map
+
+    def _open(self, fname: str):
+        if fname not in self._handles:
+            path = self.dir / fname
+            try:
+                self._handles[fname] = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"cannot read {path}: {e}; the file is missing or corrupt, "
+                                      "re-download or re-export it") from e
+        return self._handles[fname]
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise CheckpointError(f"tensor {name} is missing from {self.dir}")
+        fname = self.weight_map[name]
+        try:
+            return self._open(fname).get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name} from {self.dir / fname}: {e}; "
+                                  "the file is corrupt, re-download or re-export it") from e
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' / '500MB' / '1.5GiB' / bytes -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)?\s*", str(text), re.I)
+    if not m:
+        raise ValueError(f"--max_shard_size {text!r}: use a size like 5GB or 500MB")
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
+
+
+class ShardedWriter:
+    """Streams tensors into safetensors files of at most `max_shard_size` bytes.
+
+    Files are written under temporary names; `finish()` (rank 0, after every writer is done)
+    numbers them `model-0000i-of-0000N.safetensors` and writes the index.
+    """
+
+    def __init__(self, out_dir: Path, max_shard_size: int, tag: str = "0"):
+        self.out_dir, self.max_bytes, self.tag = out_dir, max_shard_size, tag
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[str, dict[str, int]]] = []  # (temp file name, {tensor: bytes})
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[name] = t.contiguous()
+        self.pending_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        fname = f".part-{self.tag}-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(self.out_dir / fname), metadata={"format": "pt"})
+        self.files.append((fname, {k: v.numel() * v.element_size() for k, v in self.pending.items()}))
+        self.pending, self.pending_bytes = {}, 0
+
+
+def finish_shards(out_dir: Path, files: list[tuple[str, dict[str, int]]]) -> None:
+    """Rename temp part files (in the given order) to HF's numbering and write the index."""
+    n = len(files)
+    weight_map, total = {}, 0
+    for i, (tmp, tensors) in enumerate(files, start=1):
+        final = f"model-{i:05d}-of-{n:05d}.safetensors"
+        os.replace(out_dir / tmp, out_dir / final)
+        for k, b in tensors.items():
+            weight_map[k] = final
+            total += b
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")

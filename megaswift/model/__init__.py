@@ -1,0 +1,1 @@
+"""Model building blocks on megatron-core: attention, layers, norms, rotary embeddings."""

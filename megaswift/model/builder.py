@@ -1,0 +1,44 @@
+"""Build this rank's part of a megatron-core GPTModel for an HF model family."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+from megaswift.model.rope import install_rope
+from megaswift.model.spec import block_spec
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Vocab rows after padding to a multiple of `divisible_by` (which TP must divide)."""
+    if divisible_by % tp:
+        raise ValueError(f"--make_vocab_size_divisible_by {divisible_by} is not a multiple of "
+                         f"--tensor_model_parallel_size {tp}")
+    return -(-vocab_size // divisible_by) * divisible_by
+
+
+def build_gpt_model(hf_config, config, *, padded_vocab: int, vp_stage: int | None = None,
+                    parallel_output: bool = True) -> GPTModel:
+    """This rank's GPTModel chunk (pre/post process from the pipeline position), on the compute device."""
+    pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec(config, layers),
+        vocab_size=padded_vocab,
+        max_sequence_length=getattr(hf_config, "max_position_embeddings", 4096),
+        pre_process=pre,
+        post_process=post,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        position_embedding_type="rope",
+        rotary_base=int(1e4),
+        vp_stage=vp_stage,
+    )
+    install_rope(model, hf_config, config)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model

@@ -1,0 +1,76 @@
+"""The one translation from an HF `config.json` to megatron-core's `TransformerConfig`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+
+from megaswift.args.parallel import ParallelArgs
+
+_ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu,
+                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def head_dim(hf_config) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def num_kv_heads(hf_config) -> int:
+    return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+
+
+def transformer_config(hf_config, family, parallel: ParallelArgs, params_dtype: torch.dtype,
+                       **overrides: Any) -> TransformerConfig:
+    """Build the TransformerConfig for `hf_config` (of `family`) at layout `parallel`.
+
+    `overrides` carries training settings (recompute, dropout ...) that are not in the HF config.
+    Raises `LayoutError` when the layout does not fit the model.
+    """
+    parallel.validate_model(num_layers=hf_config.num_hidden_layers,
+                            num_attention_heads=hf_config.num_attention_heads,
+                            num_query_groups=num_kv_heads(hf_config))
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"hidden_act {act!r} in config.json is not supported; "
+                         f"supported: {sorted(_ACTIVATIONS)}")
+    cuda = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=num_kv_heads(hf_config),
+        kv_channels=head_dim(hf_config),
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=_ACTIVATIONS[act],
+        add_bias_linear=False,
+        add_qkv_bias=family.qkv_bias(hf_config),
+        qk_layernorm=family.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
+        init_method_std=getattr(hf_config, "initializer_range", 0.02),
+        attention_softmax_in_fp32=True,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        use_cpu_initialization=not cuda,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        pipeline_dtype=params_dtype,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)

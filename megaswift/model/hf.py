@@ -1,0 +1,89 @@
+"""Everything the model side needs from an HF folder: config, dtype, family, dims, files to carry."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megaswift.converters import Family, family_for
+from megaswift.converters.mappings import ModelDims
+from megaswift.model.builder import padded_vocab_size
+from megaswift.model.config import head_dim, num_kv_heads
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local HF folder for `model`: the directory itself, or a hub download (needs network)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"--model {model}: no config.json in that directory")
+        return path
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise FileNotFoundError(f"--model {model}: not a directory (and not a hub id of the form org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                               "*.txt", "*.jinja", "*.py"]))
+    except Exception as e:
+        raise FileNotFoundError(
+            f"--model {model}: not a local directory, and the hub download failed ({type(e).__name__}: "
+            f"{e}). This machine may be offline (HF_HUB_OFFLINE or no network to the hub): "
+            "download the model elsewhere and pass its local directory") from e
+
+
+def load_hf_config(model_dir: Path, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
+
+def config_dtype(hf_config) -> torch.dtype:
+    """The dtype the HF config declares for its weights (float32 when it says nothing)."""
+    dt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dt, torch.dtype):
+        return dt
+    return _DTYPES.get(str(dt).replace("torch.", ""), torch.float32)
+
+
+def parse_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
+    return _DTYPES[name] if name else default
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _DTYPES.items()}[dtype]
+
+
+@dataclass(frozen=True)
+class HFModel:
+    """An HF model as megaswift sees it: config, family and the numbers converters need."""
+    config: object
+    family: Family
+    dims: ModelDims
+
+    @classmethod
+    def from_config(cls, hf_config, make_vocab_size_divisible_by: int, tp: int) -> "HFModel":
+        family = family_for(hf_config)
+        dims = ModelDims(
+            num_attention_heads=hf_config.num_attention_heads,
+            num_query_groups=num_kv_heads(hf_config),
+            head_dim=head_dim(hf_config),
+            vocab_size=hf_config.vocab_size,
+            padded_vocab_size=padded_vocab_size(hf_config.vocab_size, make_vocab_size_divisible_by, tp),
+        )
+        return cls(hf_config, family, dims)
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy config, generation config, tokenizer and chat template files (never weights)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if (f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.startswith(".")
+                and not f.name.endswith(".index.json")):
+            shutil.copy2(f, dst / f.name)

@@ -1,0 +1,1 @@
+"""Process groups, devices and the megatron-core adaptations for CPU."""

@@ -1,0 +1,121 @@
+"""Where megatron-core assumes CUDA, and what makes it run on CPU with gloo. Inert with CUDA.
+
+Every adaptation is listed in `ADAPTATIONS` with the call site it serves, and
+`tests/test_cpu_compat.py` checks each one is still needed (the unpatched call fails on CPU) and
+sufficient (the patched call works) against the installed megatron-core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+ADAPTATIONS: dict[str, str] = {}
+_applied = False
+
+
+def adaptation(site: str):
+    """Register a patch function under the megatron-core call site it serves."""
+    def deco(fn):
+        ADAPTATIONS[fn.__name__] = site
+        return fn
+    return deco
+
+
+class CPURNGStatesTracker:
+    """CPU stand-in for `tensor_parallel.random.CudaRNGStatesTracker` (add / fork / states)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def is_initialized(self) -> bool:
+        return bool(self.states_)
+
+    def get_states(self):
+        return {k: v.clone() for k, v in self.states_.items()}
+
+    def set_states(self, states):
+        self.states_ = {k: v.clone() for k, v in states.items()}
+
+    def add(self, name: str, seed: int):
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"cuda rng state {name} already exists")
+        self.seeds_.add(seed)
+        saved = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(saved)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+
+_CPU_TRACKER = CPURNGStatesTracker()
+
+
+@adaptation("tensor_parallel/random.py: get_cuda_rng_tracker / model_parallel_cuda_manual_seed "
+            "(torch.cuda RNG states; used by dropout, init under TP and full recompute)")
+def patch_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as tp_random
+
+    def get_tracker(*args, **kwargs):
+        return _CPU_TRACKER
+
+    def manual_seed(seed: int, *args, **kwargs):
+        from megatron.core import parallel_state
+
+        _CPU_TRACKER.reset()
+        torch.manual_seed(seed)
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        _CPU_TRACKER.add("model-parallel-rng", seed + 2718 + tp_rank)
+        ep_rank = parallel_state.get_expert_model_parallel_rank()
+        etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+        _CPU_TRACKER.add("expert-parallel-rng", seed + 2718 + 100 * ep_rank + etp_rank + 1)
+        _CPU_TRACKER.add("data-parallel-rng", seed)
+
+    tp_random.get_cuda_rng_tracker = get_tracker
+    tp_random.model_parallel_cuda_manual_seed = manual_seed
+    tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    import megatron.core.tensor_parallel as tp
+
+    tp.get_cuda_rng_tracker = get_tracker
+    tp.model_parallel_cuda_manual_seed = manual_seed
+
+
+@adaptation("dist_checkpointing/strategies/filesystem_async.py preload_tensors, "
+            "distributed/param_and_grad_buffer.py: torch.cuda.synchronize() (nothing to wait for on CPU)")
+def patch_cuda_synchronize() -> None:
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+
+
+@adaptation("dist_checkpointing/strategies/state_dict_saver.py save finalize, "
+            "distributed/param_and_grad_buffer.py: device=torch.cuda.current_device()")
+def patch_current_device() -> None:
+    torch.cuda.current_device = lambda: "cpu"
+
+
+def apply() -> None:
+    """Apply every CPU adaptation once; does nothing when CUDA is available."""
+    global _applied
+    if _applied or torch.cuda.is_available():
+        return
+    for name in ADAPTATIONS:
+        globals()[name]()
+    _applied = True

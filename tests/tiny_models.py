@@ -1,0 +1,36 @@
+"""Tiny random HF models of each supported family, built offline by transformers and saved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=250, max_position_embeddings=256, rms_norm_eps=1e-6)
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    "llama3_rope": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=1)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, num_key_value_heads=2)),
+}
+
+
+def make_tiny_model(name: str, out: Path, dtype=torch.float32, seed: int = 0) -> Path:
+    """Save a tiny random HF model of family `name` into `out`; returns `out`."""
+    import transformers
+
+    cfg_cls, model_cls, extra = FAMILIES[name]
+    cfg = getattr(transformers, cfg_cls)(**{**BASE, **extra})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(cfg).to(dtype)
+    with torch.no_grad():  # non-trivial norms and biases, so a swapped mapping cannot pass
+        for n, p in model.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in n else 0.1 * torch.randn_like(p))
+    model.save_pretrained(out)
+    return out
