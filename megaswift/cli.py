@@ -11,6 +11,7 @@ import importlib
 import os
 import subprocess
 import sys
+import warnings
 
 COMMANDS = {
     "export": "megaswift.commands.export",
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     nproc = int(os.environ.get("NPROC_PER_NODE", "1"))
     if nproc > 1 and "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
         return _launch_torchrun(argv)
+    # megatron-core warns at import about TE/Apex being absent and deprecated flags; on the
+    # non-TE path that is expected noise that buries the command's own output.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     command = importlib.import_module(COMMANDS[argv[0]])
     try:
         return command.run(argv[1:])

@@ -13,9 +13,11 @@ FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
     "llama3_rope": ("LlamaConfig", "LlamaForCausalLM", dict(
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        num_key_value_heads=1)),  # MQA
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=1)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(hidden_size=96, num_attention_heads=6,
+                                                      num_key_value_heads=2)),  # 3 heads a group
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, num_key_value_heads=2)),
 }
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from megaswift.checkpointing import ARGS, HF_CONFIG, load_models, read_args, sav
 from megaswift.converters.convert import export_hf_tensors, load_hf_weights
 from megaswift.converters.hf_io import HFReader, ShardedWriter, finish_shards, parse_size
 from megaswift.logging_utils import log
+from megaswift.model.config import num_kv_heads
 from megaswift.model.hf import (HFModel, config_dtype, copy_side_files, dtype_name, load_hf_config,
                                 parse_dtype, resolve_model_dir)
 from megaswift.runtime.distributed import destroy_distributed, init_distributed, is_rank0
@@ -34,6 +34,9 @@ def run(argv: list[str]) -> int:
         raise FileExistsError(f"--save {out} already exists; remove it, choose another "
                               "directory, or pass --overwrite true")
     src, hf_config, record = _source(args)
+    parallel.validate_model(num_layers=hf_config.num_hidden_layers,
+                            num_attention_heads=hf_config.num_attention_heads,
+                            num_query_groups=num_kv_heads(hf_config))
     model = HFModel.from_config(hf_config, record["make_vocab_size_divisible_by"],
                                 parallel.tensor_model_parallel_size)
     dtype = parse_dtype(args.torch_dtype, parse_dtype(record.get("torch_dtype"), config_dtype(hf_config)))
@@ -89,11 +92,12 @@ def _convert(args, parallel, src, model: HFModel, dtype, reader, stage: Path, re
     from megaswift.model.config import transformer_config
 
     t0 = time.time()
-    config = transformer_config(model.config, model.family, parallel, dtype)
+    # Every weight is overwritten by the conversion: skip megatron's random initialisation.
+    config = transformer_config(model.config, model.family, parallel, dtype, perform_initialization=False)
     chunk = build_gpt_model(model.config, config, padded_vocab=model.dims.padded_vocab_size)
-    config.perform_initialization = False
     if args.to_mcore:
         load_hf_weights([chunk], model.family, model.config, reader, model.dims)
+        reader.close()  # unmap the HF files before the save allocates its buffers
         log(f"read HF weights from {src} in {time.time() - t0:.1f}s")
         save_models([chunk], stage)
         if is_rank0():

@@ -48,6 +48,10 @@ class HFReader:
                                       "re-download or re-export it") from e
         return self._handles[fname]
 
+    def close(self) -> None:
+        """Drop the memory maps (their pages count towards this process's RSS)."""
+        self._handles.clear()
+
     def keys(self) -> list[str]:
         return list(self.weight_map)
 

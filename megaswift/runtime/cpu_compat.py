@@ -111,6 +111,12 @@ def patch_current_device() -> None:
     torch.cuda.current_device = lambda: "cpu"
 
 
+@adaptation("models/common/language_module/language_module.py setup_embeddings_and_output_layer "
+            "(tied embeddings under PP), distributed/param_and_grad_buffer.py: Tensor.cuda()")
+def patch_tensor_cuda() -> None:
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
 def apply() -> None:
     """Apply every CPU adaptation once; does nothing when CUDA is available."""
     global _applied

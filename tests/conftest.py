@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny HF models per family, and running `megatron` in-process or under torchrun."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import FAMILIES, make_tiny_model  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = make_tiny_model(name, tmp_path_factory.mktemp(f"hf-{name}"))
+        return cache[name]
+
+    return get
+
+
+def run_megatron(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the real `megatron` CLI (torchrun underneath when nproc > 1); output captured."""
+    env = {**os.environ, "NPROC_PER_NODE": str(nproc), "PYTHONWARNINGS": "ignore"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return subprocess.run([sys.executable, "-m", "megaswift.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def precision_figures(output: str) -> dict[str, tuple[float, float]]:
+    """{layout: (max_abs_diff, argmax_agreement)} from `--test_convert_precision` lines."""
+    out = {}
+    for m in re.finditer(r"\[precision\] (\w+)\s.*max_abs_diff=(\S+) argmax_agreement=(\S+)", output):
+        out[m.group(1)] = (float(m.group(2)), float(m.group(3)))
+    return out
+
+
+def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b), f"key sets differ: {sorted(set(a) ^ set(b))[:10]}"
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k], b[k]), f"{k} differs"
