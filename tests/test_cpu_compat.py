@@ -1,0 +1,52 @@
+"""Each CPU adaptation is still needed by the installed megatron-core, and still sufficient."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import torch
+
+from megaswift.runtime import cpu_compat
+
+# adaptation -> (module, function) whose source shows the CUDA assumption it serves, and the text
+NEEDED_BY = {
+    "patch_rng_tracker": ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", "torch.cuda"),
+    "patch_cuda_synchronize": ("megatron.core.dist_checkpointing.strategies.filesystem_async",
+                               "FileSystemWriterAsync.preload_tensors", "torch.cuda.synchronize"),
+    "patch_current_device": ("megatron.core.dist_checkpointing.strategies.state_dict_saver",
+                             "save_state_dict_async_finalize", "torch.cuda.current_device()"),
+    "patch_tensor_cuda": ("megatron.core.models.common.language_module.language_module",
+                          "LanguageModule.setup_embeddings_and_output_layer", ".cuda()"),
+}
+
+
+def _source(module: str, qualname: str) -> str:
+    """The function's source as the file has it (the attribute itself may be patched already)."""
+    text = inspect.getsource(importlib.import_module(module))
+    start = text.index(f"def {qualname.split('.')[-1]}(")
+    end = text.find("\ndef ", start + 1)
+    return text[start: end if end > 0 else None]
+
+
+def test_every_adaptation_is_still_needed():
+    assert set(NEEDED_BY) == set(cpu_compat.ADAPTATIONS)
+    for name, (module, qualname, text) in NEEDED_BY.items():
+        assert text in _source(module, qualname), f"{name}: {module}.{qualname} no longer uses {text}"
+
+
+def test_rng_tracker_forks_reproducibly():
+    tracker = cpu_compat.CPURNGStatesTracker()
+    tracker.add("model-parallel-rng", 1234)
+    torch.manual_seed(0)
+    outside = torch.rand(3)
+    torch.manual_seed(0)
+    with tracker.fork():
+        a = torch.rand(3)
+    assert torch.equal(torch.rand(3), outside)  # the default stream is untouched by the fork
+    tracker2 = cpu_compat.CPURNGStatesTracker()
+    tracker2.add("model-parallel-rng", 1234)
+    with tracker2.fork():
+        assert torch.equal(torch.rand(3), a)
+    with tracker.fork():
+        assert not torch.equal(torch.rand(3), a)  # the forked stream advanced
