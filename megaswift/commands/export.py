@@ -148,6 +148,7 @@ def _write_hf(chunk, model: HFModel, dtype, stage: Path, src: Path, args: Export
         finish_shards(stage, ordered)
         copy_side_files(src / HF_CONFIG, stage)
         _set_config_dtype(stage / "config.json", dtype)
+    dist.barrier()  # other ranks may read the folder next (precision check)
 
 
 def _set_config_dtype(path: Path, dtype) -> None:
