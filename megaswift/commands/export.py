@@ -38,7 +38,7 @@ def run(argv: list[str]) -> int:
                             num_attention_heads=hf_config.num_attention_heads,
                             num_query_groups=num_kv_heads(hf_config))
     model = HFModel.from_config(hf_config, record["make_vocab_size_divisible_by"],
-                                parallel.tensor_model_parallel_size)
+                                parallel.tensor_model_parallel_size, record.get("padded_vocab_size"))
     dtype = parse_dtype(args.torch_dtype, parse_dtype(record.get("torch_dtype"), config_dtype(hf_config)))
     reader = HFReader(src) if args.to_mcore else None   # reads headers now: a corrupt file fails here
     init_distributed(parallel)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -12,11 +14,13 @@ from megaswift.model.spec import block_spec
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Vocab rows after padding to a multiple of `divisible_by` (which TP must divide)."""
-    if divisible_by % tp:
-        raise ValueError(f"--make_vocab_size_divisible_by {divisible_by} is not a multiple of "
-                         f"--tensor_model_parallel_size {tp}")
-    return -(-vocab_size // divisible_by) * divisible_by
+    """Vocab rows after padding to a multiple of lcm(`divisible_by`, TP).
+
+    The result is recorded with the checkpoint and reused when it is loaded at another layout
+    (the default 128 keeps it loadable at every power-of-two TP).
+    """
+    multiple = math.lcm(divisible_by, tp)
+    return -(-vocab_size // multiple) * multiple
 
 
 def build_gpt_model(hf_config, config, *, padded_vocab: int, vp_stage: int | None = None,

@@ -68,14 +68,21 @@ class HFModel:
     dims: ModelDims
 
     @classmethod
-    def from_config(cls, hf_config, make_vocab_size_divisible_by: int, tp: int) -> "HFModel":
+    def from_config(cls, hf_config, make_vocab_size_divisible_by: int, tp: int,
+                    padded_vocab: int | None = None) -> "HFModel":
+        """`padded_vocab` (from a checkpoint's args.json) wins over recomputing it."""
         family = family_for(hf_config)
+        if padded_vocab is None:
+            padded_vocab = padded_vocab_size(hf_config.vocab_size, make_vocab_size_divisible_by, tp)
+        elif padded_vocab % tp:
+            raise ValueError(f"the checkpoint's padded vocab size {padded_vocab} does not split over "
+                             f"--tensor_model_parallel_size {tp}; use a TP size that divides it")
         dims = ModelDims(
             num_attention_heads=hf_config.num_attention_heads,
             num_query_groups=num_kv_heads(hf_config),
             head_dim=head_dim(hf_config),
             vocab_size=hf_config.vocab_size,
-            padded_vocab_size=padded_vocab_size(hf_config.vocab_size, make_vocab_size_divisible_by, tp),
+            padded_vocab_size=padded_vocab,
         )
         return cls(hf_config, family, dims)
 

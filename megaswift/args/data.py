@@ -1,0 +1,66 @@
+"""Data arguments: sources, row formats, templates, truncation, batching and packing.
+
+Names and semantics follow Megatron-SWIFT's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+TRUNCATION = ("delete", "left", "right")
+LOSS_SCALES = ("default", "last_round", "all")
+
+
+@dataclass(kw_only=True)
+class DataArgs:
+    """Datasets, chat template, loss masks, padding-free batches and packing."""
+    dataset: list[str] = field(default_factory=list, metadata={"help": "Sources: .jsonl/.json/.csv/.parquet files, directories of them, `datasets` saved dirs or hub ids; `source#N` samples N rows."})
+    val_dataset: list[str] = field(default_factory=list, metadata={"help": "Validation sources (same forms as --dataset)."})
+    split_dataset_ratio: float = field(default=0.0, metadata={"help": "Fraction of --dataset held out for validation when --val_dataset is not given."})
+    data_seed: int = field(default=42, metadata={"help": "Seed for `#N` sampling, splits and shuffling."})
+    columns: Optional[str] = field(default=None, metadata={"help": "JSON rename map applied to every row first, e.g. '{\"text1\": \"query\"}'."})
+    dataset_num_proc: int = field(default=1, metadata={"help": "Processes for tokenisation."})
+    strict: bool = field(default=False, metadata={"help": "true: the first bad row is an error naming file and row; false: bad rows are dropped and counted."})
+    template: Optional[str] = field(default=None, metadata={"help": "Built-in chat template (chatml, qwen, llama3, default); default: the tokenizer's own."})
+    system: Optional[str] = field(default=None, metadata={"help": "System prompt that overrides the rows' and the template's."})
+    loss_scale: str = field(default="default", metadata={"help": "Which tokens are trained.", "choices": LOSS_SCALES})
+    max_length: Optional[int] = field(default=None, metadata={"help": "Longest tokenised sample."})
+    truncation_strategy: str = field(default="delete", metadata={"help": "What to do with longer samples.", "choices": TRUNCATION})
+    lazy_tokenize: bool = field(default=False, metadata={"help": "Tokenise on access instead of ahead of training."})
+    streaming: bool = field(default=False, metadata={"help": "Read sources as a stream without materialising them."})
+    padding_free: bool = field(default=True, metadata={"help": "Concatenate a micro-batch's samples (THD, cu_seqlens) instead of padding."})
+    packing: bool = field(default=False, metadata={"help": "Bin-pack samples into sequences of --packing_length tokens."})
+    packing_length: Optional[int] = field(default=None, metadata={"help": "Packed sequence length (default --max_length)."})
+    cached_dataset: list[str] = field(default_factory=list, metadata={"help": "Directories written by `megatron export --to_cached_dataset true`."})
+
+    def __post_init__(self) -> None:
+        if self.columns is not None:
+            try:
+                cols = json.loads(self.columns)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--columns {self.columns!r} is not valid JSON ({e.msg}); "
+                                 """write it like '{"text1": "query", "text2": "response"}'""") from e
+            if not isinstance(cols, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in cols.items()):
+                raise ValueError(f"--columns must be a JSON object of column -> column names, got {self.columns!r}")
+        if not 0.0 <= self.split_dataset_ratio < 1.0:
+            raise ValueError(f"--split_dataset_ratio {self.split_dataset_ratio} must be in [0, 1)")
+        if self.packing and not (self.packing_length or self.max_length):
+            raise ValueError("--packing true needs --packing_length or --max_length")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"--max_length {self.max_length} is too small")
+        if self.dataset_num_proc < 1:
+            raise ValueError(f"--dataset_num_proc must be >= 1, got {self.dataset_num_proc}")
+        if self.streaming and self.packing:
+            raise ValueError("--streaming true cannot be combined with --packing true (packing needs "
+                             "every length up front); tokenise once with `megatron export "
+                             "--to_cached_dataset true --packing true` instead")
+
+    @property
+    def column_map(self) -> dict[str, str]:
+        return json.loads(self.columns) if self.columns else {}
+
+    @property
+    def resolved_packing_length(self) -> Optional[int]:
+        return self.packing_length or self.max_length

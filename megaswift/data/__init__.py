@@ -1,0 +1,1 @@
+"""Everything between data files and the batches megatron-core consumes."""
