@@ -8,6 +8,7 @@ under torchrun, as Megatron-SWIFT does: `NPROC_PER_NODE=4 megatron export ...`; 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import subprocess
 import sys
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     # non-TE path that is expected noise that buries the command's own output.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     command = importlib.import_module(COMMANDS[argv[0]])
     try:
         return command.run(argv[1:])

@@ -16,6 +16,7 @@ class ExportArgs:
     save: str = field(default="", metadata={"help": "Output directory (must not exist yet)."})
     to_mcore: bool = field(default=False, metadata={"help": "Convert --model to an MCore torch_dist checkpoint."})
     to_hf: bool = field(default=False, metadata={"help": "Convert --load to an HF safetensors folder."})
+    to_cached_dataset: bool = field(default=False, metadata={"help": "Tokenise (and pack) --dataset once into --save for --cached_dataset."})
     torch_dtype: Optional[str] = field(default=None, metadata={"help": "Weights dtype (default: the source's).", "choices": DTYPES})
     test_convert_precision: bool = field(default=False, metadata={"help": "Compare HF and MCore logits in float32; exit 1 past the threshold."})
     max_shard_size: str = field(default="5GB", metadata={"help": "Largest safetensors file written by --to_hf."})
@@ -24,8 +25,10 @@ class ExportArgs:
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --save directory."})
 
     def __post_init__(self) -> None:
-        if self.to_mcore == self.to_hf:
-            raise ValueError("pass exactly one of --to_mcore true or --to_hf true")
+        if self.to_mcore + self.to_hf + self.to_cached_dataset != 1:
+            raise ValueError("pass exactly one of --to_mcore true, --to_hf true or --to_cached_dataset true")
+        if self.to_cached_dataset and not self.model:
+            raise ValueError("--to_cached_dataset needs --model <hf_dir> (its tokenizer and chat template)")
         if not self.save:
             raise ValueError("--save is required: the output directory")
         if self.to_mcore and not self.model:

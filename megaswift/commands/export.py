@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megaswift.args.data import DataArgs
 from megaswift.args.export import ExportArgs
 from megaswift.args.parallel import ParallelArgs
 from megaswift.args.parser import parse
@@ -28,11 +29,13 @@ from megaswift.runtime.distributed import destroy_distributed, init_distributed,
 
 
 def run(argv: list[str]) -> int:
-    args, parallel = parse((ExportArgs, ParallelArgs), argv, prog="megatron export")
+    args, parallel, data = parse((ExportArgs, ParallelArgs, DataArgs), argv, prog="megatron export")
     out = Path(args.save).expanduser().resolve()
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--save {out} already exists; remove it, choose another "
                               "directory, or pass --overwrite true")
+    if args.to_cached_dataset:
+        return _cached_dataset(args, data, out)
     src, hf_config, record = _source(args)
     parallel.validate_model(num_layers=hf_config.num_hidden_layers,
                             num_attention_heads=hf_config.num_attention_heads,
@@ -53,6 +56,28 @@ def run(argv: list[str]) -> int:
     finally:
         destroy_distributed()
     return 0 if ok else 1
+
+
+def _cached_dataset(args: ExportArgs, data: DataArgs, out: Path) -> int:
+    """Tokenise once into a cached dataset (one process; --dataset_num_proc workers)."""
+    from transformers import AutoTokenizer
+
+    from megaswift.data.cached import write_cached_dataset
+
+    src = resolve_model_dir(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=args.trust_remote_code)
+    stage = out.parent / f".{out.name}.partial-{int(time.time() * 1e3)}"
+    stage.mkdir(parents=True)
+    try:
+        stats = write_cached_dataset(data, tokenizer, stage)
+        if out.exists():
+            shutil.rmtree(out)
+        stage.rename(out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    log(f"wrote {out}: {json.dumps(stats.as_json())}")
+    return 0
 
 
 def _source(args: ExportArgs):

@@ -1,0 +1,190 @@
+"""From `--dataset` to tokenised (and optionally packed) training and validation sets.
+
+    sources.load_sources  -> canonical rows (bad rows raised or dropped and counted)
+    Template.encode       -> input_ids / labels (assistant tokens only, per --loss_scale)
+    truncation            -> --max_length with --truncation_strategy delete|left|right
+    packing.pack_rows     -> --packing: bins of --packing_length tokens, sample boundaries kept
+
+Tokenisation runs ahead in `--dataset_num_proc` processes (datasets' progress bar), lazily on
+access with `--lazy_tokenize true`, or as a stream with `--streaming true`. Every dropped or
+truncated row is counted in `DataStats`, which `--to_cached_dataset` writes as stats.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import datasets
+import torch
+
+from megaswift.args.data import DataArgs
+from megaswift.data.formats import RowError
+from megaswift.data.packing import efficiency, pack_rows
+from megaswift.data.sources import load_sources, split
+from megaswift.data.template import IGNORE_INDEX, Template
+
+logger = logging.getLogger("megaswift.data")
+_KEEP = ("input_ids", "labels", "rejected_input_ids", "rejected_labels")
+
+
+@dataclass
+class DataStats:
+    """What happened to the rows; written as stats.json by `--to_cached_dataset`."""
+    rows: int = 0
+    dropped: dict = field(default_factory=dict)
+    truncated: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    packed_rows: Optional[int] = None
+    packing_efficiency: Optional[float] = None
+    val: Optional[dict] = None  # the same figures for the validation split
+
+    def as_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["dropped_total"] = sum(self.dropped.values())
+        return out
+
+
+def _truncate(ids: list[int], labels: list[int], max_length: Optional[int], strategy: str):
+    """(ids, labels, truncated) or None when the row must be deleted."""
+    if not max_length or len(ids) <= max_length:
+        return ids, labels, False
+    if strategy == "delete":
+        return None
+    if strategy == "left":
+        return ids[-max_length:], labels[-max_length:], True
+    return ids[:max_length], labels[:max_length], True
+
+
+def encode_rows(batch: dict[str, list], *, template: Template, max_length: Optional[int],
+                truncation_strategy: str, strict: bool) -> dict[str, list]:
+    """Batched map function: encode, truncate, and flag rows to drop (`__drop__` = reason)."""
+    n = len(batch["messages"])
+    out: dict[str, list] = {k: [] for k in (*_KEEP, "length", "__drop__", "__truncated__")}
+    for i in range(n):
+        row = {k: batch[k][i] for k in batch}
+        enc, reason, cut = None, "", False
+        try:
+            enc = template.encode(row)
+        except ValueError as e:
+            if strict:
+                raise RowError("template error", str(e), row.get("__source__"), row.get("__row__")) from e
+            reason = "template error"
+        if enc is not None:
+            for key in ("", "rejected_"):
+                if enc.get(f"{key}input_ids") is None:
+                    continue
+                res = _truncate(enc[f"{key}input_ids"], enc[f"{key}labels"], max_length, truncation_strategy)
+                if res is None:
+                    reason = "too long"
+                    break
+                enc[f"{key}input_ids"], enc[f"{key}labels"], was_cut = res
+                cut |= was_cut
+            if not reason and all(t == IGNORE_INDEX for t in enc["labels"][1:]):
+                reason = "no trained tokens"  # e.g. truncation cut every assistant token
+        if reason and strict and reason != "template error":
+            raise RowError(reason, f"--max_length {max_length}", row.get("__source__"), row.get("__row__"))
+        enc = enc if not reason else {}
+        for k in _KEEP:
+            out[k].append(enc.get(k))
+        out["length"].append(len(enc.get("input_ids") or []))
+        out["__drop__"].append(reason)
+        out["__truncated__"].append(cut and not reason)
+    return out
+
+
+class LazyTokenized(torch.utils.data.Dataset):
+    """`--lazy_tokenize true`: canonical rows encoded on access; dropped rows come back as None."""
+
+    def __init__(self, rows: datasets.Dataset, template: Template, data: DataArgs):
+        self.rows, self.template, self.data = rows, template, data
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Optional[dict]:
+        batch = {k: [v] for k, v in self.rows[i].items()}
+        out = encode_rows(batch, template=self.template, max_length=self.data.max_length,
+                          truncation_strategy=self.data.truncation_strategy, strict=self.data.strict)
+        if out["__drop__"][0]:
+            return None
+        return {k: out[k][0] for k in _KEEP if out[k][0] is not None}
+
+
+def tokenize(rows, template: Template, data: DataArgs, stats: DataStats):
+    """Tokenised dataset for canonical `rows` (Dataset, IterableDataset or LazyTokenized)."""
+    if data.lazy_tokenize and isinstance(rows, datasets.Dataset):
+        return LazyTokenized(rows, template, data)
+    kw = dict(batched=True, remove_columns=list(rows.column_names or []),
+              fn_kwargs=dict(template=template, max_length=data.max_length,
+                             truncation_strategy=data.truncation_strategy, strict=data.strict))
+    if isinstance(rows, datasets.IterableDataset):
+        mapped = rows.map(encode_rows, **kw)
+        return mapped.filter(lambda r: not r["__drop__"]).remove_columns(["__drop__", "__truncated__"])
+    t0 = time.time()
+    mapped = rows.map(encode_rows, num_proc=data.dataset_num_proc if len(rows) > 1 else None,
+                      desc="Tokenizing", **kw)
+    drops = Counter(r for r in mapped["__drop__"] if r)
+    for reason, n in drops.items():
+        stats.dropped[reason] = stats.dropped.get(reason, 0) + n
+    stats.truncated += sum(mapped["__truncated__"])
+    kept = mapped.filter(lambda flags: [not f for f in flags], input_columns="__drop__", batched=True)
+    kept = kept.remove_columns(["__drop__", "__truncated__"])
+    unused = [c for c in ("rejected_input_ids", "rejected_labels") if all(v is None for v in kept[c])]
+    kept = kept.remove_columns(unused)
+    lengths = kept["length"]
+    stats.rows += len(kept)
+    stats.tokens += sum(lengths)
+    stats.trained_tokens += sum(sum(1 for t in lab[1:] if t != IGNORE_INDEX) for lab in kept["labels"])
+    dt = max(time.time() - t0, 1e-9)
+    logger.info("tokenised %d rows (%d tokens) in %.1fs: %.0f rows/s; dropped %s; truncated %d",
+                len(mapped), sum(lengths), dt, len(mapped) / dt, dict(drops) or "none", stats.truncated)
+    return kept
+
+
+def pack_dataset(ds: datasets.Dataset, capacity: int, stats: DataStats) -> datasets.Dataset:
+    """`--packing true`: bin-pack tokenised rows into rows of at most `capacity` tokens."""
+    rows = pack_rows(ds.select_columns(["input_ids", "labels"]).to_list(), capacity)
+    stats.packed_rows = len(rows)
+    stats.packing_efficiency = round(efficiency(rows, capacity), 6)
+    logger.info("packed %d samples into %d rows of %d tokens: efficiency %.2f%%",
+                len(ds), len(rows), capacity, 100 * stats.packing_efficiency)
+    return datasets.Dataset.from_list(rows)
+
+
+def build_datasets(data: DataArgs, tokenizer) -> tuple[Any, Any, DataStats]:
+    """(train, val or None, stats) ready for batching, from the data flags and a tokenizer."""
+    if not data.dataset:
+        raise ValueError("--dataset is required (one or more files, directories or hub ids)")
+    template = Template(tokenizer, data.template, data.system, data.loss_scale)
+    if data.packing and (data.max_length is None or data.max_length > data.resolved_packing_length):
+        # a sample longer than a packed row cannot be packed: truncate to the row length
+        data = dataclasses.replace(data, max_length=data.resolved_packing_length)
+    stats = DataStats()
+    kw = dict(seed=data.data_seed, columns=data.column_map, streaming=data.streaming,
+              strict=data.strict, num_proc=data.dataset_num_proc)
+    train_rows, dropped = load_sources(data.dataset, **kw)
+    if data.val_dataset:
+        val_rows, val_dropped = load_sources(data.val_dataset, **kw)
+        dropped.update(val_dropped)
+    else:
+        train_rows, val_rows = split(train_rows, data.split_dataset_ratio, data.data_seed)
+    stats.dropped.update(dropped)
+    train = tokenize(train_rows, template, data, stats)
+    val, val_stats = None, DataStats()
+    if val_rows is not None:
+        val = tokenize(val_rows, template, data, val_stats)
+    if data.packing:
+        if not isinstance(train, datasets.Dataset):
+            raise ValueError("--packing true needs tokenisation ahead of time: drop --lazy_tokenize/--streaming")
+        train = pack_dataset(train, data.resolved_packing_length, stats)
+        if val is not None:
+            val = pack_dataset(val, data.resolved_packing_length, val_stats)
+    if val is not None:
+        stats.val = val_stats.as_json()
+    return train, val, stats

@@ -1,0 +1,117 @@
+"""Rows -> tokens end to end: formats agree, truncation and bad input behave, cached datasets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_megatron
+from megaswift.args.data import DataArgs
+from megaswift.assets import fetch_llamafactory_data, fetch_smollm2
+from megaswift.data.cached import load_cached_datasets
+from megaswift.data.pipeline import build_datasets
+from megaswift.data.template import IGNORE_INDEX
+
+SYSTEM = "You are terse."
+ROUNDS = [("Name a prime.", "7"), ("And an even one?", "2")]
+
+
+def _write(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(fetch_smollm2())
+
+
+def _same_conversation_files(tmp_path):
+    (q1, a1), (q2, a2) = ROUNDS
+    msgs = [{"role": "system", "content": SYSTEM}] + [
+        m for q, a in ROUNDS for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    share = [{"from": "system", "value": SYSTEM}] + [
+        m for q, a in ROUNDS for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+    return {
+        "messages": _write(tmp_path / "m.jsonl", [{"messages": msgs}]),
+        "sharegpt": _write(tmp_path / "s.jsonl", [{"conversations": share}]),
+        "alpaca": _write(tmp_path / "a.jsonl", [{"system": SYSTEM, "instruction": q2, "input": "",
+                                                 "output": a2, "history": [[q1, a1]]}]),
+        "query_response": _write(tmp_path / "q.jsonl", [{"system": SYSTEM, "query": q2, "response": a2,
+                                                         "history": [[q1, a1]]}]),
+    }
+
+
+def test_formats_give_identical_ids_and_labels(tokenizer, tmp_path):
+    encoded = {}
+    for name, path in _same_conversation_files(tmp_path).items():
+        train, _, _ = build_datasets(DataArgs(dataset=[path]), tokenizer)
+        encoded[name] = (train[0]["input_ids"], train[0]["labels"])
+    first = encoded["messages"]
+    assert all(v == first for v in encoded.values())
+    trained = tokenizer.decode([t for t in first[1] if t != IGNORE_INDEX])
+    assert trained == "7<|im_end|>2<|im_end|>"
+
+
+def test_truncation_strategies(tokenizer, tmp_path):
+    path = _write(tmp_path / "long.jsonl", [{"query": "word " * 60, "response": "ok"},
+                                            {"query": "hi", "response": "hello"}])
+    _, _, stats = build_datasets(DataArgs(dataset=[path], max_length=40, truncation_strategy="delete"), tokenizer)
+    assert stats.rows == 1 and stats.dropped == {"too long": 1}
+    train, _, stats = build_datasets(DataArgs(dataset=[path], max_length=40, truncation_strategy="left"), tokenizer)
+    assert stats.rows == 2 and stats.truncated == 1 and max(len(r) for r in train["input_ids"]) == 40
+    _, _, stats = build_datasets(DataArgs(dataset=[path], max_length=40, truncation_strategy="right"), tokenizer)
+    assert stats.dropped == {"no trained tokens": 1}  # right truncation cut the whole answer
+
+
+def test_lazy_and_streaming_match_eager(tokenizer):
+    alpaca = str(fetch_llamafactory_data() / "alpaca_en_demo.json") + "#20"
+    eager, _, _ = build_datasets(DataArgs(dataset=[alpaca]), tokenizer)
+    lazy, _, _ = build_datasets(DataArgs(dataset=[alpaca], lazy_tokenize=True), tokenizer)
+    assert [lazy[i]["input_ids"] for i in range(len(lazy))] == eager["input_ids"]
+    stream, _, _ = build_datasets(DataArgs(dataset=[str(fetch_llamafactory_data() / "alpaca_en_demo.json")],
+                                           streaming=True), tokenizer)
+    full, _, _ = build_datasets(DataArgs(dataset=[str(fetch_llamafactory_data() / "alpaca_en_demo.json")]), tokenizer)
+    assert [r["input_ids"] for _, r in zip(range(30), stream)] == full["input_ids"][:30]
+
+
+def test_cached_dataset_export(tmp_path):
+    out = tmp_path / "cached"
+    alpaca = fetch_llamafactory_data() / "alpaca_en_demo.json"
+    proc = run_megatron(["export", "--model", str(fetch_smollm2()), "--to_cached_dataset", "true",
+                         "--dataset", str(alpaca), "--save", str(out), "--packing", "true",
+                         "--packing_length", "2048", "--dataset_num_proc", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads((out / "stats.json").read_text())
+    assert {"rows", "dropped", "truncated", "tokens", "packing_efficiency"} <= set(stats)
+    assert stats["rows"] == 999 and stats["dropped"] == {} and stats["packing_efficiency"] >= 0.98
+    train, val = load_cached_datasets([str(out)])
+    assert val is None and len(train) == stats["packed_rows"]
+    assert sum(sum(r) for r in train["lengths"]) == stats["tokens"]
+    assert max(len(r) for r in train["input_ids"]) <= 2048
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--columns", "{text1: query"], "--columns"),
+    (["--template", "vicuna"], "unknown --template 'vicuna'"),
+])
+def test_bad_flags_are_clear_errors(tmp_path, flags, message):
+    out = tmp_path / "out"
+    path = _write(tmp_path / "d.jsonl", [{"query": "hi", "response": "hello"}])
+    proc = run_megatron(["export", "--model", str(fetch_smollm2()), "--to_cached_dataset", "true",
+                         "--dataset", path, "--save", str(out), *flags])
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+def test_strict_names_file_and_row(tmp_path):
+    out = tmp_path / "out"
+    path = _write(tmp_path / "bad.jsonl", [{"query": "hi", "response": "hello"}, {"query": "hi", "response": " "}])
+    proc = run_megatron(["export", "--model", str(fetch_smollm2()), "--to_cached_dataset", "true",
+                         "--dataset", path, "--save", str(out), "--strict", "true"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "bad.jsonl row 1: empty assistant turn" in proc.stderr
+    assert not out.exists()
