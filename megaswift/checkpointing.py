@@ -38,13 +38,19 @@ def model_state_dict(models) -> dict:
 
 def save_models(models, root: Path, iteration: int | str = "release", extra: dict | None = None) -> Path:
     """Save this rank's chunks into `root`; every rank calls it. Returns the iteration dir."""
+    state = model_state_dict(models)
+    state.update(extra or {})
+    return save_state(state, root, iteration)
+
+
+def save_state(state: dict, root: Path, iteration: int | str) -> Path:
+    """dist_checkpointing.save of `state` into root/<iteration dir>, then the tracker (last)."""
     ckpt = iteration_dir(root, iteration)
     if _rank() == 0:
         ckpt.mkdir(parents=True, exist_ok=True)
     _barrier()
-    state = model_state_dict(models)
-    state.update({"checkpoint_version": 3.0, "iteration": 0 if iteration == "release" else iteration})
-    state.update(extra or {})
+    state = {**state, "checkpoint_version": 3.0,
+             "iteration": 0 if iteration == "release" else int(iteration)}
     dist_checkpointing.save(state, str(ckpt))
     _barrier()
     if _rank() == 0:

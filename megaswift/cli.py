@@ -16,6 +16,8 @@ import warnings
 
 COMMANDS = {
     "export": "megaswift.commands.export",
+    "sft": "megaswift.commands.sft",
+    "pt": "megaswift.commands.pt",
 }
 
 
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     command = importlib.import_module(COMMANDS[argv[0]])
     try:
         return command.run(argv[1:])

@@ -22,11 +22,20 @@ FAMILIES = {
 }
 
 
-def make_tiny_model(name: str, out: Path, dtype=torch.float32, seed: int = 0) -> Path:
-    """Save a tiny random HF model of family `name` into `out`; returns `out`."""
+def make_tiny_model(name: str, out: Path, dtype=torch.float32, seed: int = 0,
+                    tokenizer_dir: Path | None = None) -> Path:
+    """Save a tiny random HF model of family `name` into `out`; returns `out`.
+
+    With `tokenizer_dir`, that tokenizer is saved alongside and the vocab sized to it, so the
+    model can be trained on real text.
+    """
     import transformers
 
     cfg_cls, model_cls, extra = FAMILIES[name]
+    tokenizer = None
+    if tokenizer_dir is not None:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+        extra = {**extra, "vocab_size": len(tokenizer)}
     cfg = getattr(transformers, cfg_cls)(**{**BASE, **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg).to(dtype)
@@ -35,4 +44,6 @@ def make_tiny_model(name: str, out: Path, dtype=torch.float32, seed: int = 0) ->
             if "norm" in n or n.endswith("bias"):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in n else 0.1 * torch.randn_like(p))
     model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     return out

@@ -117,6 +117,104 @@ def patch_tensor_cuda() -> None:
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
 
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like",
+              "empty_like", "full_like", "rand", "randn", "as_tensor")
+
+
+class _CPUCuda:
+    """`torch.cuda` as seen by a proxied megatron module: streams and events that do nothing."""
+
+    class Stream:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait_stream(self, *args, **kwargs):
+            pass
+
+        def synchronize(self):
+            pass
+
+    class Event:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def record(self, *args, **kwargs):
+            pass
+
+        def wait(self, *args, **kwargs):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def query(self):
+            return True
+
+    @staticmethod
+    def current_stream(*args, **kwargs):
+        return _CPUCuda.Stream()
+
+    @staticmethod
+    def stream(*args, **kwargs):
+        return contextlib.nullcontext()
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _CPUTorch:
+    """`torch` for one megatron module: factory calls with device="cuda" land on the CPU."""
+
+    cuda = _CPUCuda()
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in _FACTORIES:
+            def factory(*args, __f=attr, **kwargs):
+                dev = kwargs.get("device")
+                if dev is not None and "cuda" in str(dev):
+                    kwargs["device"] = "cpu"
+                return __f(*args, **kwargs)
+            return factory
+        return attr
+
+
+_PROXIED_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.utils",
+)
+
+
+@adaptation("pipeline_parallel/schedules.py total_num_tokens, optimizer/{clip_grads,optimizer,"
+            "grad_scaler}.py, distributed/param_and_grad_buffer.py, utils.py: "
+            "torch.zeros/tensor(..., device='cuda'); distributed_data_parallel.py torch.cuda.Stream")
+def patch_cuda_device_literals() -> None:
+    import importlib
+
+    for name in _PROXIED_MODULES:
+        importlib.import_module(name).torch = _CPUTorch()
+
+
+@adaptation("optimizer/distrib_optimizer.py, optimizer/optimizer.py, optimizer/clip_grads.py: "
+            "param.type() == 'torch.cuda.FloatTensor' checks")
+def patch_tensor_type() -> None:
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+
+
 def apply() -> None:
     """Apply every CPU adaptation once; does nothing when CUDA is available."""
     global _applied

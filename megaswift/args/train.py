@@ -1,0 +1,79 @@
+"""Training arguments (Megatron-SWIFT / Megatron-LM names and defaults where they exist)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(kw_only=True)
+class ModelArgs:
+    """Where the weights come from."""
+    model: Optional[str] = field(default=None, metadata={"help": "HF model directory (converted in memory)."})
+    load: Optional[str] = field(default=None, metadata={"help": "MCore checkpoint to start from or resume."})
+    finetune: bool = field(default=False, metadata={"help": "With --load: weights only, iteration 0, data from the start."})
+    torch_dtype: Optional[str] = field(default=None, metadata={"help": "float32|bfloat16|float16 (default: --bf16/--fp16, else the model's)."})
+    bf16: bool = field(default=False, metadata={"help": "Train in bfloat16 (fp32 master weights in the optimizer)."})
+    fp16: bool = field(default=False, metadata={"help": "Train in float16 with loss scaling."})
+    make_vocab_size_divisible_by: int = field(default=128, metadata={"help": "Pad vocab rows to a multiple of this."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint."})
+
+    def __post_init__(self) -> None:
+        if not (self.model or self.load):
+            raise ValueError("pass --model <hf_dir> or --load <mcore_checkpoint>")
+        if self.bf16 and self.fp16:
+            raise ValueError("--bf16 and --fp16 are exclusive")
+
+
+@dataclass(kw_only=True)
+class TrainArgs:
+    """Batch sizes, schedule, optimizer, recompute, logging and checkpoints."""
+    micro_batch_size: int = field(default=1, metadata={"help": "Samples per micro-batch per data-parallel rank."})
+    global_batch_size: int = field(default=16, metadata={"help": "Samples per optimizer step over all data-parallel ranks."})
+    train_iters: Optional[int] = field(default=None, metadata={"help": "Optimizer steps (or use --max_epochs)."})
+    max_epochs: Optional[int] = field(default=None, metadata={"help": "Epochs over the data; sets --train_iters."})
+    seed: int = field(default=42, metadata={"help": "Random seed."})
+    lr: float = field(default=1e-5, metadata={"help": "Peak learning rate."})
+    min_lr: float = field(default=0.0, metadata={"help": "Floor of the decayed learning rate."})
+    lr_decay_style: str = field(default="cosine", metadata={"help": "cosine|linear|constant", "choices": ("cosine", "linear", "constant")})
+    lr_warmup_iters: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    lr_warmup_fraction: Optional[float] = field(default=None, metadata={"help": "Warm-up as a fraction of --lr_decay_iters."})
+    lr_decay_iters: Optional[int] = field(default=None, metadata={"help": "Decay steps (default --train_iters)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
+    clip_grad: float = field(default=1.0, metadata={"help": "Gradient norm clipping (0 disables)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "Adam beta2."})
+    adam_eps: float = field(default=1e-8, metadata={"help": "Adam epsilon."})
+    optimizer: str = field(default="adam", metadata={"help": "adam|sgd", "choices": ("adam", "sgd")})
+    use_distributed_optimizer: bool = field(default=True, metadata={"help": "Shard optimizer state over data-parallel ranks."})
+    overlap_grad_reduce: bool = field(default=False, metadata={"help": "Overlap gradient reduce-scatter with backward."})
+    overlap_param_gather: bool = field(default=False, metadata={"help": "Overlap parameter all-gather with forward."})
+    optimizer_cpu_offload: bool = field(default=False, metadata={"help": "Keep optimizer state on the CPU (GPU runs)."})
+    calculate_per_token_loss: bool = field(default=True, metadata={"help": "Average the loss over all trained tokens of the global batch."})
+    recompute_granularity: Optional[str] = field(default=None, metadata={"help": "full|selective", "choices": ("full", "selective")})
+    recompute_method: Optional[str] = field(default=None, metadata={"help": "uniform|block", "choices": ("uniform", "block")})
+    recompute_num_layers: Optional[int] = field(default=None, metadata={"help": "Layers per recompute unit (full)."})
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"], metadata={"help": "Modules recomputed with selective granularity."})
+    eval_interval: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps."})
+    eval_iters: int = field(default=10, metadata={"help": "Validation batches per evaluation."})
+    log_interval: int = field(default=1, metadata={"help": "Log every N steps."})
+    log_throughput: bool = field(default=False, metadata={"help": "Also log model TFLOP/s per device."})
+    tensorboard_dir: Optional[str] = field(default=None, metadata={"help": "TensorBoard logs (default <save>/runs)."})
+    save: Optional[str] = field(default=None, metadata={"help": "Checkpoint directory."})
+    save_interval: Optional[int] = field(default=None, metadata={"help": "Save every N steps (and at the end)."})
+    no_save_optim: bool = field(default=False, metadata={"help": "Do not save optimizer state."})
+    no_save_rng: bool = field(default=False, metadata={"help": "Do not save RNG state."})
+    add_version: bool = field(default=True, metadata={"help": "Save into <save>/vN-<timestamp> (Megatron-SWIFT)."})
+
+    def __post_init__(self) -> None:
+        if self.train_iters is None and self.max_epochs is None:
+            raise ValueError("pass --train_iters N or --max_epochs N")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"--global_batch_size {self.global_batch_size} is not a multiple of "
+                             f"--micro_batch_size {self.micro_batch_size}")
+        if self.recompute_method and self.recompute_granularity != "full":
+            raise ValueError("--recompute_method needs --recompute_granularity full")
+        if self.recompute_granularity == "full" and not self.recompute_method:
+            self.recompute_method = "uniform"
+        if self.recompute_granularity == "full" and not self.recompute_num_layers:
+            self.recompute_num_layers = 1

@@ -1,0 +1,82 @@
+"""Training checkpoints: model, distributed optimizer, LR schedule, RNG and the data position.
+
+The data position is the iteration itself (see `training/data.py`), so restoring the iteration
+restores the next batch. The distributed optimizer is saved 'dp_reshardable'. RNG states go to
+one small file per rank (`rng/rank_N.pt`, tensors only, read back with weights_only=True).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+
+from megaswift.checkpointing import iteration_dir, model_state_dict, resolve, save_state
+
+_OPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _sharded_state(chunks, optimizer, scheduler, with_optimizer: bool, loading: bool) -> dict:
+    state = model_state_dict(chunks)
+    if with_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=loading, metadata=_OPT_METADATA)
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    return state
+
+
+def save_training_state(root: Path, iteration: int, chunks, optimizer, scheduler, *,
+                        save_optim: bool, save_rng: bool) -> Path:
+    """Every rank calls it; the tracker is written last, after all ranks finished."""
+    state = _sharded_state(chunks, optimizer, scheduler, save_optim, loading=False)
+    state["has_optimizer"] = save_optim
+    ckpt = iteration_dir(root, iteration)
+    if save_rng:  # before the tracker: a checkpoint is complete or invisible
+        (ckpt / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), ckpt / "rng" / f"rank_{dist.get_rank()}.pt")
+    return save_state(state, root, iteration)
+
+
+def has_optimizer_state(root: Path) -> bool:
+    common = dist_checkpointing.load_common_state_dict(str(resolve(root)))
+    return bool(common.get("has_optimizer", False))
+
+
+@torch.no_grad()
+def load_training_state(root: Path, chunks, optimizer, scheduler) -> int:
+    """Restore model, optimizer, schedule and RNG; returns the iteration to continue from."""
+    ckpt = resolve(root)
+    loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, scheduler, True, loading=True), str(ckpt))
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    rng_file = ckpt / "rng" / f"rank_{dist.get_rank()}.pt"
+    if rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return int(loaded["iteration"])
+
+
+def _rng_state() -> dict:
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    py = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": torch.tensor([np.random.get_state()[2]]),
+        "python": torch.tensor(py[1], dtype=torch.int64),
+        "tracker": tracker.get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"].numel():
+        torch.cuda.set_rng_state(state["cuda"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"][0]), 0, 0.0))
+    random.setstate((3, tuple(int(x) for x in state["python"].tolist()), None))
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])

@@ -1,0 +1,94 @@
+"""Training logs: a console line with rate and ETA, TensorBoard scalars and `logging.jsonl`.
+
+Only the writer rank (the last global rank, which sits on the last pipeline stage and holds the
+data-parallel-reduced loss) writes; `logging.jsonl` has one JSON object per log step with at least
+`iteration` and `loss`, so scripts can read it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import psutil
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class TrainLogger:
+    def __init__(self, save_dir: Optional[Path], tensorboard_dir: Optional[str], writer: bool, total_iters: int):
+        self.writer, self.total = writer, total_iters
+        self.jsonl = None
+        self.tb = None
+        self.t_start = self.t_last = time.time()
+        self.tokens_since = 0
+        self.iters_since = 0
+        if not writer:
+            return
+        if save_dir is not None:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(save_dir / "logging.jsonl", "a", buffering=1)
+        tb_dir = tensorboard_dir or (str(save_dir / "runs") if save_dir is not None else None)
+        if tb_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(tb_dir)
+
+    def step(self, real_tokens: int) -> None:
+        """Count one optimizer step's real (non-padding) tokens for the throughput figure."""
+        self.tokens_since += real_tokens
+        self.iters_since += 1
+
+    def log(self, iteration: int, record: dict, start_iteration: int = 0) -> None:
+        now = time.time()
+        dt = now - self.t_last
+        record = dict(record)
+        record.update(
+            iteration=iteration,
+            seconds_per_iteration=round(dt / max(self.iters_since, 1), 4),
+            tokens_per_second=round(self.tokens_since / max(dt, 1e-9), 2),
+            memory_rss_gib=round(psutil.Process().memory_info().rss / 2**30, 3),
+        )
+        done = iteration - start_iteration
+        eta = (now - self.t_start) / max(done, 1) * (self.total - iteration)
+        self.t_last, self.tokens_since, self.iters_since = now, 0, 0
+        if not self.writer:
+            return
+        line = (f"[{iteration}/{self.total} {100 * iteration / self.total:5.1f}%] loss {record['loss']:.4f} "
+                f"lr {record.get('lr', 0):.3e} grad_norm {record.get('grad_norm', 0):.3f} "
+                f"{record['tokens_per_second']:.1f} tok/s {record['seconds_per_iteration']:.2f} s/it "
+                f"mem {record['memory_rss_gib']:.2f} GiB ETA {_fmt_eta(eta)}")
+        if "tflops_per_device" in record:
+            line += f" {record['tflops_per_device']:.3f} TFLOP/s/dev"
+        print(line, file=sys.stderr, flush=True)
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+        if self.tb:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "iteration":
+                    self.tb.add_scalar(f"train/{k}", v, iteration)
+
+    def log_eval(self, iteration: int, loss: float) -> None:
+        if not self.writer:
+            return
+        import math
+
+        record = {"iteration": iteration, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+        print(f"[eval @ {iteration}] loss {loss:.4f} ppl {record['eval_ppl']:.3f}", file=sys.stderr, flush=True)
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+        if self.tb:
+            self.tb.add_scalar("eval/loss", loss, iteration)
+            self.tb.add_scalar("eval/ppl", record["eval_ppl"], iteration)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()

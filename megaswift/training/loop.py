@@ -1,0 +1,129 @@
+"""The iteration loop: weights in, steps, evaluation, logs and checkpoints out."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megaswift.checkpointing import load_models
+from megaswift.converters.convert import load_hf_weights
+from megaswift.converters.hf_io import HFReader
+from megaswift.data.collate import collate_padded, collate_padding_free, pad_multiple
+from megaswift.logging_utils import log
+from megaswift.training.checkpoint import has_optimizer_state, load_training_state, save_training_state
+from megaswift.training.data import GlobalBatchSampler, eval_batches, micro_batch_iterator, train_iters_for_epochs
+from megaswift.training.logger import TrainLogger
+from megaswift.training.setup import build_model, wrap_and_optimize
+from megaswift.training.step import eval_step, train_step
+
+
+def _collate(job, tokenizer):
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    p = job.parallel
+    multiple = pad_multiple(p.tensor_model_parallel_size, p.sequence_parallel, p.context_parallel_size)
+    fn = collate_padding_free if job.data.padding_free else collate_padded
+    return partial(fn, pad_id=pad_id, multiple=multiple)
+
+
+def _sample_lengths(ds) -> list[int]:
+    if "length" in ds.column_names:
+        return list(ds["length"])
+    return [len(x) for x in ds["input_ids"]]
+
+
+def _load_weights(job, hf, chunks) -> bool:
+    """Weights before DDP/optimizer exist. Returns True when a full resume must follow."""
+    if job.model.model:
+        from megaswift.model.hf import resolve_model_dir
+
+        src = resolve_model_dir(job.model.model)
+        load_hf_weights(chunks, hf.family, hf.config, HFReader(src), hf.dims)
+        log(f"loaded HF weights from {src}")
+        return False
+    root = Path(job.model.load).expanduser()
+    if job.model.finetune or not has_optimizer_state(root):
+        load_models(chunks, root)
+        log(f"loaded weights from {root} (iteration 0)")
+        return False
+    return True
+
+
+def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | None, stop: dict) -> None:
+    t = job.train
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    sampler = GlobalBatchSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, dp_rank, dp_size,
+                                 seed=job.data.data_seed)
+    iters = t.train_iters or train_iters_for_epochs(len(train_ds), t.global_batch_size, t.max_epochs)
+    chunks, config = build_model(hf, job.parallel, dtype, t)
+    resume = _load_weights(job, hf, chunks)
+    model, optimizer, scheduler = wrap_and_optimize(chunks, config, t, iters)
+    start = 0
+    if resume:
+        start = load_training_state(Path(job.model.load).expanduser(), chunks, optimizer, scheduler)
+        log(f"resumed from {job.model.load} at iteration {start}")
+    collate = _collate(job, tokenizer)
+    lengths = _sample_lengths(train_ds)
+    writer = dist.get_rank() == dist.get_world_size() - 1   # on the last stage, holds the loss
+    logger = TrainLogger(save_root, t.tensorboard_dir, writer, iters)
+    n_params = _count_params(chunks)
+    log(f"training {iters} iterations from {start}: {sampler.num_microbatches} micro-batches of "
+        f"{t.micro_batch_size} per step on each of {dp_size} data-parallel ranks; {n_params / 1e6:.1f}M parameters")
+    it = start
+    try:
+        while it < iters:
+            batches = [micro_batch_iterator(train_ds, sampler, it, collate) for _ in model]
+            metrics = train_step(model, optimizer, scheduler, batches, sampler.num_microbatches, config)
+            it += 1
+            real = sum(lengths[i] for i in sampler.global_batch(it - 1))
+            logger.step(real)
+            if it % t.log_interval == 0 or it == iters:
+                if t.log_throughput:
+                    metrics["tflops_per_device"] = 6 * n_params * real / 1e12 / dist.get_world_size()
+                logger.log(it, {**metrics, "consumed_samples": it * t.global_batch_size}, start)
+            if val_ds is not None and t.eval_interval and it % t.eval_interval == 0:
+                logger.log_eval(it, _evaluate(model, val_ds, collate, t, config, dp_rank, dp_size))
+            should_stop = _agree(stop["flag"])
+            if save_root is not None and (should_stop or it == iters or (t.save_interval and it % t.save_interval == 0)):
+                save_training_state(save_root, it, chunks, optimizer, scheduler,
+                                    save_optim=not t.no_save_optim, save_rng=not t.no_save_rng)
+                log(f"saved iteration {it} to {save_root}")
+            if should_stop:
+                log(f"SIGTERM: stopped after iteration {it} with a checkpoint")
+                break
+    finally:
+        logger.close()
+
+
+def _agree(flag: bool) -> bool:
+    """Every rank stops at the same iteration if any rank got SIGTERM."""
+    t = torch.tensor([1 if flag else 0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _evaluate(model, val_ds, collate, t, config, dp_rank, dp_size) -> float:
+    groups = eval_batches(val_ds, t.micro_batch_size, dp_rank, dp_size, t.eval_iters)
+    if not groups:
+        return float("nan")
+
+    def batches():
+        for g in groups:
+            yield collate([val_ds[i] for i in g])
+
+    return eval_step(model, [batches() for _ in model], len(groups), config)
+
+
+def _count_params(chunks) -> int:
+    """Parameters of the whole model (summed over TP and PP ranks of this data-parallel replica)."""
+    local = torch.tensor([sum(p.numel() for c in chunks for p in c.parameters())], dtype=torch.float64)
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        # replicated (norm) params are counted TP times; close enough for a throughput figure
+        dist.all_reduce(local, group=parallel_state.get_tensor_model_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(local, group=parallel_state.get_pipeline_model_parallel_group())
+    return int(local.item())

@@ -1,0 +1,144 @@
+"""`megatron sft` / `megatron pt`: one training loop; the two differ only in data defaults.
+
+Order of work: parse and check every flag, resolve the model and the layout (errors name flags)
+-> start the process groups -> tokenise (rank 0 first, the others reuse its cache) -> build the
+model chunks and load weights -> DDP, optimizer, schedule -> resume -> train, evaluate, log and
+save on their intervals -> final save. SIGTERM (SLURM pre-emption) saves and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megaswift.args.data import DataArgs
+from megaswift.args.parallel import ParallelArgs
+from megaswift.args.parser import parse
+from megaswift.args.train import ModelArgs, TrainArgs
+from megaswift.checkpointing import ARGS, HF_CONFIG, read_args
+from megaswift.logging_utils import log
+from megaswift.model.config import num_kv_heads
+from megaswift.model.hf import (HFModel, config_dtype, copy_side_files, dtype_name, load_hf_config,
+                                parse_dtype, resolve_model_dir)
+from megaswift.runtime.distributed import barrier, destroy_distributed, init_distributed, is_rank0
+
+
+@dataclasses.dataclass
+class Job:
+    model: ModelArgs
+    parallel: ParallelArgs
+    data: DataArgs
+    train: TrainArgs
+    mode: str
+
+
+def parse_job(argv: list[str], mode: str) -> Job:
+    model, parallel, data, train = parse((ModelArgs, ParallelArgs, DataArgs, TrainArgs), argv,
+                                         prog=f"megatron {mode}")
+    if mode == "pt":  # pretraining: plain text, every token trained (as Megatron-SWIFT's pt)
+        data.template = data.template or "default"
+        data.loss_scale = "all" if data.loss_scale == "default" else data.loss_scale
+    if not data.dataset and not data.cached_dataset:
+        raise ValueError("pass --dataset <files> or --cached_dataset <dir>")
+    return Job(model, parallel, data, train, mode)
+
+
+def _hf_source(job: Job):
+    """(dir holding config + tokenizer, HF config, checkpoint record or {})."""
+    if job.model.model:
+        src = resolve_model_dir(job.model.model)
+        return src, load_hf_config(src, job.model.trust_remote_code), {}
+    root = Path(job.model.load).expanduser()
+    record = read_args(root)
+    return root / HF_CONFIG, load_hf_config(root / HF_CONFIG, job.model.trust_remote_code), record
+
+
+def _dtype(job: Job, hf_config, record: dict) -> torch.dtype:
+    if job.model.bf16:
+        return torch.bfloat16
+    if job.model.fp16:
+        return torch.float16
+    return parse_dtype(job.model.torch_dtype, parse_dtype(record.get("torch_dtype"), config_dtype(hf_config)))
+
+
+def _save_root(train: TrainArgs) -> Path | None:
+    if not train.save:
+        return None
+    root = Path(train.save).expanduser().resolve()
+    if not train.add_version:
+        return root
+    name = [None]
+    if is_rank0():
+        n = len([p for p in root.glob("v*-*") if p.is_dir()]) if root.exists() else 0
+        name[0] = f"v{n}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(name, src=0)
+    return root / name[0]
+
+
+def _build_data(job: Job, tokenizer):
+    from megaswift.data.cached import load_cached_datasets
+    from megaswift.data.pipeline import build_datasets
+
+    if job.data.cached_dataset:
+        train, val = load_cached_datasets(job.data.cached_dataset)
+        return train, val
+    result = None
+    if is_rank0():  # rank 0 tokenises first; the others then hit the datasets cache
+        result = build_datasets(job.data, tokenizer)
+    barrier()
+    if not is_rank0():
+        result = build_datasets(job.data, tokenizer)
+    train, val, stats = result
+    log(f"data: {json.dumps(stats.as_json())}")
+    return train, val
+
+
+def run(argv: list[str], mode: str) -> int:
+    from transformers import AutoTokenizer
+
+    job = parse_job(argv, mode)
+    src, hf_config, record = _hf_source(job)
+    job.parallel.validate_model(num_layers=hf_config.num_hidden_layers,
+                                num_attention_heads=hf_config.num_attention_heads,
+                                num_query_groups=num_kv_heads(hf_config))
+    hf = HFModel.from_config(hf_config, record.get("make_vocab_size_divisible_by",
+                                                   job.model.make_vocab_size_divisible_by),
+                             job.parallel.tensor_model_parallel_size, record.get("padded_vocab_size"))
+    dtype = _dtype(job, hf_config, record)
+    tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=job.model.trust_remote_code)
+    if job.parallel.context_parallel_size > 1:
+        raise ValueError("--context_parallel_size > 1 is not supported yet on the non-TE attention "
+                         "path (megaswift's kernel has no context-parallel variant); use 1")
+    init_distributed(job.parallel)
+    try:
+        from megaswift.training.loop import train_loop
+
+        train_ds, val_ds = _build_data(job, tokenizer)
+        save_root = _save_root(job.train)
+        if save_root is not None and is_rank0():
+            save_root.mkdir(parents=True, exist_ok=True)
+            copy_side_files(src, save_root / HF_CONFIG)
+            (save_root / ARGS).write_text(json.dumps({
+                "megaswift_checkpoint": 1, "family": hf.family.name, "torch_dtype": dtype_name(dtype),
+                "padded_vocab_size": hf.dims.padded_vocab_size,
+                "make_vocab_size_divisible_by": record.get("make_vocab_size_divisible_by",
+                                                           job.model.make_vocab_size_divisible_by),
+                "mode": mode, **{k: dataclasses.asdict(v) for k, v in (
+                    ("model_args", job.model), ("parallel", job.parallel), ("data", job.data),
+                    ("train", job.train))}}, indent=2, default=str) + "\n")
+        stop = {"flag": False}
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+        try:
+            train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root, stop)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    finally:
+        destroy_distributed()
+    return 0
