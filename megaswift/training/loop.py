@@ -21,10 +21,32 @@ from megaswift.training.setup import build_model, wrap_and_optimize
 from megaswift.training.step import eval_step, train_step
 
 
+def fixed_shape(job) -> tuple[int, int] | None:
+    """(seq_length, micro_batch_size) every micro-batch is padded to, or None for variable shapes.
+
+    Interleaved (virtual) pipeline stages get fixed shapes: megatron-core's interleaved schedule
+    pairs received activations with the wrong micro-batch when shapes vary.
+    """
+    if not job.parallel.virtual_pipeline_model_parallel_size:
+        return None
+    length = job.data.resolved_packing_length if job.data.packing else job.data.max_length
+    if not length:
+        raise ValueError("--virtual_pipeline_model_parallel_size needs --max_length (micro-batches "
+                         "are padded to a fixed shape)")
+    mbs = job.train.micro_batch_size
+    return (mbs * length, 1) if job.data.padding_free else (length, mbs)
+
+
 def _collate(job, tokenizer):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     p = job.parallel
     multiple = pad_multiple(p.tensor_model_parallel_size, p.sequence_parallel, p.context_parallel_size)
+    fixed = fixed_shape(job)
+    if fixed is not None:
+        if fixed[0] % multiple:
+            raise ValueError(f"fixed micro-batch length {fixed[0]} must be a multiple of {multiple} "
+                             "(TP with sequence parallel / 2 x CP): adjust --max_length")
+        multiple = fixed[0]
     fn = collate_padding_free if job.data.padding_free else collate_padded
     return partial(fn, pad_id=pad_id, multiple=multiple)
 
@@ -59,7 +81,7 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
     sampler = GlobalBatchSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, dp_rank, dp_size,
                                  seed=job.data.data_seed)
     iters = t.train_iters or train_iters_for_epochs(len(train_ds), t.global_batch_size, t.max_epochs)
-    chunks, config = build_model(hf, job.parallel, dtype, t)
+    chunks, config = build_model(hf, job.parallel, dtype, t, fixed_shape(job))
     resume = _load_weights(job, hf, chunks)
     model, optimizer, scheduler = wrap_and_optimize(chunks, config, t, iters)
     start = 0

@@ -42,13 +42,18 @@ def recompute_overrides(train: TrainArgs) -> dict:
     return out
 
 
-def build_model(hf: HFModel, parallel: ParallelArgs, dtype: torch.dtype, train: TrainArgs) -> tuple[list, object]:
-    """This rank's (unwrapped) model chunks and their TransformerConfig."""
+def build_model(hf: HFModel, parallel: ParallelArgs, dtype: torch.dtype, train: TrainArgs,
+                fixed_shape: tuple[int, int] | None = None) -> tuple[list, object]:
+    """This rank's (unwrapped) model chunks and their TransformerConfig.
+
+    `fixed_shape` (seq_length, micro_batch_size) when every micro-batch has one shape; otherwise
+    shapes are exchanged between pipeline stages per micro-batch.
+    """
     config = transformer_config(
         hf.config, hf.family, parallel, dtype,
         perform_initialization=False,   # weights always come from an HF or MCore checkpoint
         calculate_per_token_loss=train.calculate_per_token_loss,
-        variable_seq_lengths=True,      # padding-free batches differ in length between steps
+        variable_seq_lengths=fixed_shape is None,  # padding-free batches differ in length
         moe_token_dispatcher_type="alltoall",  # the only dispatcher megatron allows with them
         attention_dropout=0.0,
         **recompute_overrides(train),
@@ -56,6 +61,7 @@ def build_model(hf: HFModel, parallel: ParallelArgs, dtype: torch.dtype, train: 
     tensor_parallel.model_parallel_cuda_manual_seed(train.seed)
     vpp = parallel.virtual_pipeline_model_parallel_size
     stages = range(vpp) if vpp else [None]
+    config.fixed_shape = fixed_shape  # read by the schedule call in step.py
     chunks = [build_gpt_model(hf.config, config, padded_vocab=hf.dims.padded_vocab_size, vp_stage=v)
               for v in stages]
     return chunks, config

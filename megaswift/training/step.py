@@ -52,13 +52,14 @@ def _reduce_losses(losses: list[dict]) -> tuple[float, float]:
 def _run_schedule(model: list, batches: list[Iterator], num_microbatches: int, config, forward_only: bool):
     fwd_bwd = get_forward_backward_func()
     iterators = batches if len(model) > 1 else batches[0]
+    seq_length, mbs = getattr(config, "fixed_shape", None) or (1, 1)  # (1, 1): shapes exchanged
     return fwd_bwd(
         forward_step_func=partial(forward_step, per_token=config.calculate_per_token_loss),
         data_iterator=iterators,
         model=model if len(model) > 1 else model[0],
         num_microbatches=num_microbatches,
-        seq_length=1,          # variable_seq_lengths: shapes are exchanged per micro-batch
-        micro_batch_size=1,
+        seq_length=seq_length,
+        micro_batch_size=mbs,
         forward_only=forward_only,
     )
 
