@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import megaswift, megatron.core, transformers, gguf, pytest" 2>/dev/null \
+if ! python -c "import megaswift, megatron.core, transformers, gguf, pytest, matplotlib, accelerate" 2>/dev/null \
    || [ "${MEGASWIFT_REINSTALL:-0}" = 1 ]; then
   python -m pip install -q --upgrade pip
   python -m pip install -q -c scripts/constraints.txt "torch==2.13.0"

@@ -1,0 +1,193 @@
+"""`megatron sft` / `pt` on real gloo ranks: loss parity across layouts, exact resume, SIGTERM, errors.
+
+All runs start from the same HF weights (a tiny llama with the SmolLM2 tokenizer) and train in
+float32 on LLaMA-Factory's alpaca demo data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import precision_figures, run_megatron
+from megaswift.assets import fetch_llamafactory_data, fetch_smollm2
+from tiny_models import make_tiny_model
+
+ITERS = 5
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-tok"), tokenizer_dir=fetch_smollm2())
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return str(fetch_llamafactory_data() / "alpaca_en_demo.json") + "#48"
+
+
+def _sft_args(model_dir, dataset, save, iters=ITERS, *extra):
+    return ["sft", "--model", str(model_dir), "--dataset", dataset, "--save", str(save),
+            "--train_iters", str(iters), "--global_batch_size", "8", "--micro_batch_size", "2",
+            "--lr", "1e-4", "--max_length", "512", "--add_version", "false", *extra]
+
+
+def _losses(save: Path) -> dict[int, float]:
+    out = {}
+    for line in (save / "logging.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["iteration"]] = rec["loss"]
+    return out
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, dataset, tmp_path_factory):
+    save = tmp_path_factory.mktemp("ref") / "run"
+    _ok(run_megatron(_sft_args(model_dir, dataset, save)))
+    return _losses(save)
+
+
+LAYOUTS = {
+    "tp2": (2, ["--tensor_model_parallel_size", "2"]),
+    "tp2_sp": (2, ["--tensor_model_parallel_size", "2", "--sequence_parallel", "true"]),
+    "pp2": (2, ["--pipeline_model_parallel_size", "2"]),
+    "dp2_distopt": (2, ["--use_distributed_optimizer", "true"]),
+    "recompute_full": (1, ["--recompute_granularity", "full", "--recompute_method", "uniform",
+                           "--recompute_num_layers", "1"]),
+    "recompute_selective": (1, ["--recompute_granularity", "selective"]),
+    "padded_batches": (1, ["--padding_free", "false"]),
+    "tp2_pp2": (4, ["--tensor_model_parallel_size", "2", "--pipeline_model_parallel_size", "2",
+                    "--sequence_parallel", "true"]),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_loss_parity_with_one_process(layout, reference, model_dir, dataset, tmp_path):
+    nproc, flags = LAYOUTS[layout]
+    _ok(run_megatron(_sft_args(model_dir, dataset, tmp_path / "run", ITERS, *flags), nproc=nproc, timeout=600))
+    got = _losses(tmp_path / "run")
+    assert sorted(got) == list(range(1, ITERS + 1))
+    for it, ref in reference.items():
+        assert abs(got[it] - ref) / abs(ref) <= RTOL, f"iteration {it}: {got[it]} vs {ref}"
+    assert got[ITERS] < got[1]  # it learns
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every worker below it (torchrun's workers outlive their parent)."""
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def _kill_after_checkpoint(args, save: Path, at: int, nproc: int) -> None:
+    """Run, SIGKILL the whole job as soon as checkpoint `at` is visible, leave it at `at`."""
+    env = {**os.environ, "NPROC_PER_NODE": str(nproc), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "megaswift.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    tracker = save / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if tracker.exists() and tracker.read_text().strip() == str(at):
+            _kill_tree(proc.pid)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    # If the job outran the poll, step the tracker back: exactly what a kill right after `at` leaves.
+    tracker.write_text(str(at))
+
+
+@pytest.mark.parametrize("nproc,flags", [(1, []), (2, ["--use_distributed_optimizer", "true"])],
+                         ids=["single", "dp2_distopt"])
+def test_resume_after_sigkill_equals_uninterrupted(nproc, flags, model_dir, dataset, tmp_path):
+    full = tmp_path / "full"
+    _ok(run_megatron(_sft_args(model_dir, dataset, full, 6, *flags), nproc=nproc))
+    killed = tmp_path / "killed"
+    _kill_after_checkpoint(_sft_args(model_dir, dataset, killed, 6, "--save_interval", "3", *flags), killed, 3, nproc)
+    (killed / "logging.jsonl").unlink(missing_ok=True)
+    resumed = tmp_path / "resumed"
+    args = _sft_args(model_dir, dataset, resumed, 6, *flags)
+    args[args.index("--model"):args.index("--model") + 2] = ["--load", str(killed)]
+    out = _ok(run_megatron(args, nproc=nproc))
+    assert "resumed from" in out.stderr and "at iteration 3" in out.stderr
+    want, got = _losses(full), _losses(resumed)
+    assert sorted(got) == [4, 5, 6]
+    for it in got:
+        assert got[it] == want[it], f"iteration {it}: resumed {got[it]} vs uninterrupted {want[it]}"
+
+
+def test_interrupted_save_leaves_previous_checkpoint(model_dir, dataset, tmp_path):
+    save = tmp_path / "run"
+    _ok(run_megatron(_sft_args(model_dir, dataset, save, 2, "--save_interval", "1")))
+    (save / "latest_checkpointed_iteration.txt").write_text("1")
+    half = save / "iter_0000002"
+    for f in half.glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[:100])  # a save torn mid-write, tracker still at 1
+    resumed = tmp_path / "resumed"
+    args = _sft_args(model_dir, dataset, resumed, 2)
+    args[args.index("--model"):args.index("--model") + 2] = ["--load", str(save)]
+    out = _ok(run_megatron(args))
+    assert "at iteration 1" in out.stderr and sorted(_losses(resumed)) == [2]
+
+
+def test_sigterm_saves_and_exits_cleanly(model_dir, dataset, tmp_path):
+    save = tmp_path / "run"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "NPROC_PER_NODE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "megaswift.cli", *_sft_args(model_dir, dataset, save, 50)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = save / "logging.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    it = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert 2 <= it < 50 and "SIGTERM" in err
+
+
+@pytest.mark.parametrize("nproc,flags,message", [
+    (2, ["--tensor_model_parallel_size", "3"], "--tensor_model_parallel_size 3 does not divide num_attention_heads 4"),
+    (1, ["--pipeline_model_parallel_size", "8"], "exceeds the model's 4 layers"),
+    (2, ["--pipeline_model_parallel_size", "4"], "world size 2 is not divisible"),
+    (1, ["--context_parallel_size", "2"], "--context_parallel_size"),
+    (1, ["--global_batch_size", "7"], "--global_batch_size 7 is not a multiple of --micro_batch_size 2"),
+])
+def test_invalid_layouts_fail_before_work(nproc, flags, message, model_dir, dataset, tmp_path):
+    proc = run_megatron(_sft_args(model_dir, dataset, tmp_path / "run", 2, *flags), nproc=nproc)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_pretraining_and_export_of_a_tp2_run(model_dir, tmp_path):
+    c4 = str(fetch_llamafactory_data() / "c4_demo.jsonl") + "#32"
+    save = tmp_path / "pt"
+    _ok(run_megatron(["pt", "--model", str(model_dir), "--dataset", c4, "--save", str(save),
+                      "--train_iters", "4", "--global_batch_size", "4", "--micro_batch_size", "2",
+                      "--lr", "1e-3", "--max_length", "256", "--truncation_strategy", "right",
+                      "--add_version", "false", "--tensor_model_parallel_size", "2"], nproc=2))
+    losses = _losses(save)
+    assert losses[4] < losses[1]
+    out = _ok(run_megatron(["export", "--load", str(save), "--to_hf", "true", "--save", str(tmp_path / "hf"),
+                            "--test_convert_precision", "true"]))
+    figures = precision_figures(out.stderr)
+    assert all(d <= 1e-4 and a == 1.0 for d, a in figures.values()), figures
