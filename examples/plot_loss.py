@@ -18,7 +18,11 @@ def main(jsonl: str, png: str) -> None:
         if "eval_loss" in rec:
             evals.append((rec["iteration"], rec["eval_loss"]))
     plt.figure(figsize=(6, 4))
-    plt.plot(*zip(*train), label="train loss")
+    plt.plot(*zip(*train), alpha=0.35, label="train loss")
+    k = max(1, len(train) // 8)  # moving average: per-batch losses are noisy at 8 samples a step
+    smooth = [sum(l for _, l in train[max(0, i - k + 1):i + 1]) / len(train[max(0, i - k + 1):i + 1])
+              for i in range(len(train))]
+    plt.plot([i for i, _ in train], smooth, label=f"train loss ({k}-step mean)")
     if evals:
         plt.plot(*zip(*evals), "o-", label="eval loss")
     plt.xlabel("iteration")

@@ -8,14 +8,14 @@ bash scripts/bootstrap.sh
 . .venv/bin/activate
 export PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 OUT=${OUT:-out/sft-smollm2}
-ITERS=${ITERS:-40}
+ITERS=${ITERS:-30}
 HF=$(python -m megaswift.assets smollm2)
 DATA=$(python -m megaswift.assets llamafactory-data)/alpaca_en_demo.json
 rm -rf "$OUT"
 megatron sft --model "$HF" --dataset "$DATA" --save "$OUT/ckpt" --add_version false \
     --torch_dtype float32 --max_length 512 --micro_batch_size 4 --global_batch_size 8 \
-    --train_iters "$ITERS" --lr 5e-5 --min_lr 5e-6 --lr_warmup_iters 2 --save_interval "$ITERS" \
-    --split_dataset_ratio 0.02 --eval_interval 20 --eval_iters 4
+    --train_iters "$ITERS" --lr 1e-4 --min_lr 1e-5 --lr_warmup_iters 3 --save_interval "$ITERS" \
+    --split_dataset_ratio 0.02 --eval_interval 10 --eval_iters 4
 megatron export --load "$OUT/ckpt" --to_hf true --save "$OUT/hf" --torch_dtype bfloat16
 python examples/plot_loss.py "$OUT/ckpt/logging.jsonl" "$OUT/ckpt/loss.png"
 python examples/generate.py "$OUT/hf" "Give three tips for staying healthy."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from pathlib import Path
 
@@ -81,6 +82,11 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
     sampler = GlobalBatchSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, dp_rank, dp_size,
                                  seed=job.data.data_seed)
     iters = t.train_iters or train_iters_for_epochs(len(train_ds), t.global_batch_size, t.max_epochs)
+    if dp_size == 1 and t.use_distributed_optimizer:
+        # Nothing to shard over one data-parallel rank; its reduce-scatter/all-gather round trip
+        # cost ~1.5 s of a 6.5 s SmolLM2 step on CPU.
+        t = dataclasses.replace(t, use_distributed_optimizer=False)
+        log("one data-parallel rank: using the plain (non-distributed) optimizer")
     chunks, config = build_model(hf, job.parallel, dtype, t, fixed_shape(job))
     resume = _load_weights(job, hf, chunks)
     model, optimizer, scheduler = wrap_and_optimize(chunks, config, t, iters)
