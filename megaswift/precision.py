@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megaswift.model.forward import forward_logits, packed_batch, padded_batch
+from megaswift.data.collate import collate_padded, collate_padding_free, pad_multiple
+from megaswift.model.forward import forward_logits
 
 MAX_ABS_DIFF = 1e-3
 
@@ -68,17 +69,21 @@ def compare(model, config, hf_model, samples: list[list[int]], vocab_size: int) 
     `hf_model` is needed only where the logits land (last pipeline stage); pass None elsewhere.
     """
     reports = []
-    padded, valid = padded_batch(samples)
-    for layout, batch in (("padded", padded), ("packed", packed_batch(samples))):
+    rows = [{"input_ids": s, "labels": s} for s in samples]  # the training batchers, labels unused
+    lengths = [len(s) for s in samples]
+    multiple = pad_multiple(config.tensor_model_parallel_size, config.sequence_parallel, 1)
+    batches = (("padded", collate_padded(rows, pad_id=0, multiple=multiple)),
+               ("packed", collate_padding_free(rows, pad_id=0, multiple=multiple)))
+    for layout, batch in batches:
         logits = forward_logits(model, batch, config)
         if logits is None:
             reports.append(None)
             continue
         logits = logits.float()[..., :vocab_size]
         if layout == "padded":
-            mine = [logits[i][valid[i]] for i in range(len(samples))]
+            mine = [logits[i, :n] for i, n in enumerate(lengths)]
         else:
-            mine = list(logits[0].split([len(s) for s in samples]))
+            mine = list(logits[0].split(lengths))
         ref = _hf_logits(hf_model, samples)
         diff = torch.cat([(a - b).abs().flatten() for a, b in zip(mine, ref)])
         agree = torch.cat([a.argmax(-1) == b.argmax(-1) for a, b in zip(mine, ref)]).float().mean()
