@@ -66,6 +66,7 @@ LAYOUTS = {
     "tp2": (2, ["--tensor_model_parallel_size", "2"]),
     "tp2_sp": (2, ["--tensor_model_parallel_size", "2", "--sequence_parallel", "true"]),
     "pp2": (2, ["--pipeline_model_parallel_size", "2"]),
+    "pp2_uneven": (2, ["--pipeline_model_parallel_size", "2", "--decoder_first_pipeline_num_layers", "1"]),
     "dp2_distopt": (2, ["--use_distributed_optimizer", "true"]),
     "recompute_full": (1, ["--recompute_granularity", "full", "--recompute_method", "uniform",
                            "--recompute_num_layers", "1"]),
@@ -170,6 +171,8 @@ def test_sigterm_saves_and_exits_cleanly(model_dir, dataset, tmp_path):
     (1, ["--pipeline_model_parallel_size", "8"], "exceeds the model's 4 layers"),
     (2, ["--pipeline_model_parallel_size", "4"], "world size 2 is not divisible"),
     (1, ["--context_parallel_size", "2"], "--context_parallel_size"),
+    (2, ["--pipeline_model_parallel_size", "2", "--decoder_first_pipeline_num_layers", "5"],
+     "do not fit the model's 4 layers"),
     (1, ["--global_batch_size", "7"], "--global_batch_size 7 is not a multiple of --micro_batch_size 2"),
 ])
 def test_invalid_layouts_fail_before_work(nproc, flags, message, model_dir, dataset, tmp_path):
@@ -191,3 +194,15 @@ def test_pretraining_and_export_of_a_tp2_run(model_dir, tmp_path):
                             "--test_convert_precision", "true"]))
     figures = precision_figures(out.stderr)
     assert all(d <= 1e-4 and a == 1.0 for d, a in figures.values()), figures
+
+
+def test_sft_from_packed_cached_dataset(model_dir, dataset, tmp_path):
+    cached = tmp_path / "cached"
+    _ok(run_megatron(["export", "--model", str(model_dir), "--to_cached_dataset", "true", "--dataset", dataset,
+                      "--save", str(cached), "--packing", "true", "--packing_length", "1024"]))
+    save = tmp_path / "run"
+    _ok(run_megatron(["sft", "--model", str(model_dir), "--cached_dataset", str(cached), "--save", str(save),
+                      "--train_iters", "4", "--global_batch_size", "2", "--micro_batch_size", "1",
+                      "--lr", "1e-3", "--add_version", "false"]))
+    losses = _losses(save)
+    assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]

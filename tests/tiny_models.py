@@ -18,6 +18,8 @@ FAMILIES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(hidden_size=96, num_attention_heads=6,
                                                       num_key_value_heads=2)),  # 3 heads a group
+    "qwen2_yarn": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, num_key_value_heads=2)),
 }
 

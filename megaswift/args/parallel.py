@@ -22,6 +22,10 @@ class ParallelArgs:
         default=None, metadata={"help": "Tensor parallel size inside experts (default: TP)."})
     sequence_parallel: bool = field(
         default=False, metadata={"help": "Shard activations along the sequence over TP ranks."})
+    decoder_first_pipeline_num_layers: Optional[int] = field(
+        default=None, metadata={"help": "Layers on the first pipeline stage (the rest split evenly)."})
+    decoder_last_pipeline_num_layers: Optional[int] = field(
+        default=None, metadata={"help": "Layers on the last pipeline stage (the rest split evenly)."})
 
     def __post_init__(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
@@ -68,6 +72,10 @@ class ParallelArgs:
                 f"{num_query_groups}; use a divisor of {num_query_groups}")
         pp = self.pipeline_model_parallel_size
         vpp = self.virtual_pipeline_model_parallel_size or 1
+        first, last = self.decoder_first_pipeline_num_layers, self.decoder_last_pipeline_num_layers
+        if first is not None or last is not None:
+            self._validate_uneven(num_layers, pp, vpp, first, last)
+            return
         if pp * vpp > num_layers:
             raise LayoutError(
                 f"--pipeline_model_parallel_size {pp} x virtual stages {vpp} exceeds the "
@@ -77,3 +85,21 @@ class ParallelArgs:
                 f"num_layers {num_layers} is not divisible by --pipeline_model_parallel_size {pp}"
                 + (f" x --virtual_pipeline_model_parallel_size {vpp}" if vpp > 1 else "")
                 + "; pick sizes that divide it")
+
+    @staticmethod
+    def _validate_uneven(num_layers: int, pp: int, vpp: int, first, last) -> None:
+        flags = "--decoder_first_pipeline_num_layers / --decoder_last_pipeline_num_layers"
+        if pp < 2:
+            raise LayoutError(f"{flags} need --pipeline_model_parallel_size >= 2")
+        if vpp > 1:
+            raise LayoutError(f"{flags} cannot be combined with virtual pipeline stages")
+        middle_stages = pp - (first is not None) - (last is not None)
+        middle_layers = num_layers - (first or 0) - (last or 0)
+        if any(n is not None and n < 1 for n in (first, last)) or middle_layers < 0:
+            raise LayoutError(f"{flags} ({first}, {last}) do not fit the model's {num_layers} layers")
+        if middle_stages == 0 and middle_layers:
+            raise LayoutError(f"{flags} ({first}, {last}) leave {middle_layers} layers for no stage")
+        if middle_stages and (middle_layers < middle_stages or middle_layers % middle_stages):
+            raise LayoutError(
+                f"{flags} ({first}, {last}) leave {middle_layers} layers, which do not split evenly "
+                f"over the {middle_stages} other stage(s)")

@@ -71,6 +71,8 @@ def transformer_config(hf_config, family, parallel: ParallelArgs, params_dtype: 
         context_parallel_size=parallel.context_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
+        num_layers_in_first_pipeline_stage=parallel.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=parallel.decoder_last_pipeline_num_layers,
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
