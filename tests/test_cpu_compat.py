@@ -16,6 +16,10 @@ NEEDED_BY = {
                                "FileSystemWriterAsync.preload_tensors", "torch.cuda.synchronize"),
     "patch_current_device": ("megatron.core.dist_checkpointing.strategies.state_dict_saver",
                              "save_state_dict_async_finalize", "torch.cuda.current_device()"),
+    "patch_cuda_device_literals": ("megatron.core.pipeline_parallel.schedules",
+                                   "forward_backward_no_pipelining", 'device="cuda"'),
+    "patch_tensor_type": ("megatron.core.optimizer.distrib_optimizer",
+                          "DistributedOptimizer._build_model_and_main_param_groups", "'torch.cuda.FloatTensor'"),
     "patch_tensor_cuda": ("megatron.core.models.common.language_module.language_module",
                           "LanguageModule.setup_embeddings_and_output_layer", ".cuda()"),
 }
