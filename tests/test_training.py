@@ -67,6 +67,7 @@ LAYOUTS = {
     "tp2_sp": (2, ["--tensor_model_parallel_size", "2", "--sequence_parallel", "true"]),
     "pp2": (2, ["--pipeline_model_parallel_size", "2"]),
     "pp2_uneven": (2, ["--pipeline_model_parallel_size", "2", "--decoder_first_pipeline_num_layers", "1"]),
+    "pp2_vpp2": (2, ["--pipeline_model_parallel_size", "2", "--virtual_pipeline_model_parallel_size", "2"]),
     "dp2_distopt": (2, ["--use_distributed_optimizer", "true"]),
     "recompute_full": (1, ["--recompute_granularity", "full", "--recompute_method", "uniform",
                            "--recompute_num_layers", "1"]),

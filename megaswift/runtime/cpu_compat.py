@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 
 ADAPTATIONS: dict[str, str] = {}
 _applied = False
@@ -213,6 +214,32 @@ def patch_tensor_type() -> None:
         return original(self, dtype, non_blocking, **kwargs)
 
     torch.Tensor.type = type_
+
+
+def _tagged_batched_p2p_ops(*, tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_recv_next,
+                            group, prev_pipeline_rank, next_pipeline_rank):
+    """megatron's `_batched_p2p_ops` with one tag per direction.
+
+    NCCL matches a batch's sends and receives per peer in posting order; gloo matches by (peer,
+    tag). With two pipeline ranks the previous and the next rank are the same peer, and the
+    interleaved schedule batches an activation and a gradient to it: untagged, gloo paired the
+    activation with the gradient receive (same shape: silently wrong losses).
+    """
+    fwd, bwd = 1, 2  # activations travel to the next stage, gradients to the previous one
+    specs = [(dist.isend, tensor_send_prev, prev_pipeline_rank, bwd),
+             (dist.irecv, tensor_recv_prev, prev_pipeline_rank, fwd),
+             (dist.isend, tensor_send_next, next_pipeline_rank, fwd),
+             (dist.irecv, tensor_recv_next, next_pipeline_rank, bwd)]
+    ops = [dist.P2POp(op, t, peer, group, tag) for op, t, peer, tag in specs if t is not None]
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+@adaptation("pipeline_parallel/p2p_communication.py _batched_p2p_ops: untagged isend/irecv pairs "
+            "(gloo matches by tag; interleaved pipeline with 2 ranks)")
+def patch_p2p_tags() -> None:
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    p2p_communication._batched_p2p_ops = _tagged_batched_p2p_ops
 
 
 def apply() -> None:

@@ -25,8 +25,8 @@ from megaswift.training.step import eval_step, train_step
 def fixed_shape(job) -> tuple[int, int] | None:
     """(seq_length, micro_batch_size) every micro-batch is padded to, or None for variable shapes.
 
-    Interleaved (virtual) pipeline stages get fixed shapes: megatron-core's interleaved schedule
-    pairs received activations with the wrong micro-batch when shapes vary.
+    Interleaved (virtual) pipeline stages get fixed shapes: megatron-core's per-micro-batch shape
+    exchange does not survive the interleaved schedule on gloo (the shape messages are untagged).
     """
     if not job.parallel.virtual_pipeline_model_parallel_size:
         return None

@@ -113,11 +113,6 @@ def run(argv: list[str], mode: str) -> int:
                              job.parallel.tensor_model_parallel_size, record.get("padded_vocab_size"))
     dtype = _dtype(job, hf_config, record)
     tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=job.model.trust_remote_code)
-    if (job.parallel.virtual_pipeline_model_parallel_size or 1) > 1:
-        # Runs, but its losses differ from PP=1's from the first step on (tiny llama, 4 layers,
-        # PP=2 x VPP=2: 10.8007 vs 10.7912); refuse rather than train silently wrong.
-        raise ValueError("--virtual_pipeline_model_parallel_size > 1 does not yet match "
-                         "single-process losses in megaswift; use plain --pipeline_model_parallel_size")
     if job.parallel.context_parallel_size > 1:
         raise ValueError("--context_parallel_size > 1 is not supported yet on the non-TE attention "
                          "path (megaswift's kernel has no context-parallel variant); use 1")
