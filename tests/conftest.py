@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import FAMILIES, make_tiny_model  # noqa: E402
+from tiny_models import FAMILIES, make_tiny_model  # noqa: E402,F401  (FAMILIES re-exported to tests)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
