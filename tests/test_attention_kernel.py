@@ -188,15 +188,98 @@ def test_bad_inputs_raise():
         attn.reference(q, k, v, cu_seqlens=torch.tensor([0, 7]))
 
 
-def test_context_parallel_group_raises():
-    class FakeGroup:
-        def size(self):
-            return 2
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    q, k, v = _qkv((4, 1), 2, 2, torch.float32)
-    for impl in (attn.fused, attn.reference, attn.attention):
-        with pytest.raises(ValueError, match="--context_parallel_size"):
-            impl(q, k, v, cp_group=FakeGroup())
+
+CP_CASES = {
+    # name: (layout, causal, padding mask, heads)
+    "sbhd_causal_gqa": ("sbhd", True, False, (6, 2)),
+    "sbhd_causal_padmask": ("sbhd", True, True, (4, 4)),
+    "sbhd_bidirectional": ("sbhd", False, False, (6, 2)),
+    "thd_causal_gqa": ("thd", True, False, (6, 2)),
+    "thd_bidirectional": ("thd", False, False, (4, 4)),
+}
+
+
+def _cp_problem(case: str, cp: int):
+    """(q, k, v, kwargs without cp_group, sequence lengths for the load-balanced split, seq dim)."""
+    layout, causal, padmask, (hq, hkv) = CP_CASES[case]
+    if layout == "sbhd":
+        s = 4 * cp * 2  # 4 tokens per chunk
+        q, k, v = _qkv((s, 2), hq, hkv, torch.float32, seed=7)
+        kw = dict(causal=causal)
+        if padmask:
+            kw["attention_mask"] = _padding_mask([s - 3, s], s)
+        return q, k, v, kw, [s]
+    lens = [2 * cp * n for n in (3, 1, 2)]  # segments, each a multiple of 2 x cp
+    q, k, v = _qkv((sum(lens),), hq, hkv, torch.float32, seed=7)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, dict(cu_seqlens=cu, causal=causal), lens
+
+
+def _cp_worker(rank, world, port, case, impl_name, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        impl = getattr(attn, impl_name)
+        q, k, v, kw, lens = _cp_problem(case, world)
+        idx = attn.load_balanced_indices(lens, world, rank)
+        local = [x.detach()[idx].clone().requires_grad_() for x in (q, k, v)]
+        if "attention_mask" in kw:
+            kw["attention_mask"] = kw["attention_mask"][:, :, idx, :]  # local queries, global keys
+        out = impl(*local, cp_group=dist.group.WORLD, **kw)
+        dout = torch.randn(_cp_full_out_shape(q, v, kw), generator=torch.Generator().manual_seed(123))
+        out.backward(dout[idx])
+        torch.save({"idx": idx, "out": out.detach(), "grads": [x.grad for x in local]},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _cp_full_out_shape(q, v, kw):
+    return (*q.shape[:-2], q.shape[-2] * v.shape[-1])
+
+
+@pytest.mark.parametrize("case,cp,impl_name", [
+    *[(case, 2, "fused") for case in sorted(CP_CASES)],
+    ("sbhd_causal_padmask", 2, "reference"), ("thd_causal_gqa", 2, "reference"),
+    ("sbhd_causal_padmask", 3, "fused"), ("thd_causal_gqa", 3, "fused"),
+])
+def test_context_parallel_matches_one_rank(case, cp, impl_name, tmp_path):
+    """Outputs and q/k/v gradients of every CP rank equal the single-rank problem's, at their
+    load-balanced positions (real gloo ranks; K/V gathered and gradients reduce-scattered)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_cp_worker, args=(cp, _free_port(), case, impl_name, str(tmp_path)), nprocs=cp, join=True)
+    impl = getattr(attn, impl_name)
+    q, k, v, kw, _ = _cp_problem(case, cp)
+    dout = torch.randn(_cp_full_out_shape(q, v, kw), generator=torch.Generator().manual_seed(123))
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    full = impl(q, k, v, **kw)
+    full.backward(dout)
+    covered = torch.zeros(q.shape[0], dtype=torch.bool)
+    for rank in range(cp):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        idx = got["idx"]
+        covered[idx] = True
+        torch.testing.assert_close(got["out"], full.detach()[idx], atol=1e-5, rtol=1e-5)
+        for mine, ref in zip(got["grads"], (q.grad, k.grad, v.grad)):
+            torch.testing.assert_close(mine, ref[idx], atol=1e-5, rtol=1e-4)
+    assert covered.all()  # the ranks' chunks tile every sequence
+
+
+def test_load_balanced_indices():
+    # one sequence of 8 over cp=2: chunks of 2; rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2
+    assert attn.load_balanced_indices([8], 2, 0).tolist() == [0, 1, 6, 7]
+    assert attn.load_balanced_indices([8], 2, 1).tolist() == [2, 3, 4, 5]
+    # per sequence when several are laid end to end
+    assert attn.load_balanced_indices([4, 8], 2, 0).tolist() == [0, 3, 4, 5, 10, 11]
+    with pytest.raises(ValueError, match="multiple of 2 x context-parallel size = 4"):
+        attn.load_balanced_indices([6], 2, 0)
 
 
 # ------------------------------------------------------------------------------ CoreAttention
@@ -355,5 +438,5 @@ def test_core_attention_rejects_unsupported(mpu):
         core(q, k, v, None, attention_bias=torch.zeros(1, 4, 6, 6))
     with pytest.raises(ValueError, match="qkv_format"):
         core(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="bshd"))
-    with pytest.raises(ValueError, match="--context_parallel_size"):
-        _core(_config(4, 4, context_parallel_size=2))
+    with pytest.raises(ValueError, match="'cp' process group of that size"):
+        _core(_config(4, 4, context_parallel_size=2))  # the process groups have CP = 1

@@ -20,6 +20,8 @@ NEEDED_BY = {
                                    "forward_backward_no_pipelining", 'device="cuda"'),
     "patch_tensor_type": ("megatron.core.optimizer.distrib_optimizer",
                           "DistributedOptimizer._build_model_and_main_param_groups", "'torch.cuda.FloatTensor'"),
+    "patch_pinned_memory": ("megatron.core.models.common.embeddings.rope_utils",
+                            "get_pos_emb_on_this_cp_rank", "pin_memory=True"),
     "patch_p2p_tags": ("megatron.core.pipeline_parallel.p2p_communication", "_batched_p2p_ops",
                        "torch.distributed.isend, tensor_send_prev, prev_pipeline_rank, group\n"),
     "patch_tensor_cuda": ("megatron.core.models.common.language_module.language_module",

@@ -75,6 +75,10 @@ LAYOUTS = {
     "padded_batches": (1, ["--padding_free", "false"]),
     "tp2_pp2": (4, ["--tensor_model_parallel_size", "2", "--pipeline_model_parallel_size", "2",
                     "--sequence_parallel", "true"]),
+    "cp2_thd": (2, ["--context_parallel_size", "2"]),
+    "cp2_padded": (2, ["--context_parallel_size", "2", "--padding_free", "false"]),
+    "cp2_tp2_sp": (4, ["--context_parallel_size", "2", "--tensor_model_parallel_size", "2",
+                       "--sequence_parallel", "true"]),
 }
 
 
@@ -87,6 +91,11 @@ def test_loss_parity_with_one_process(layout, reference, model_dir, dataset, tmp
     for it, ref in reference.items():
         assert abs(got[it] - ref) / abs(ref) <= RTOL, f"iteration {it}: {got[it]} vs {ref}"
     assert got[ITERS] < got[1]  # it learns
+    if layout == "cp2_tp2_sp":  # a checkpoint trained at TP=2 x CP=2 exports to HF (at TP=1)
+        out = _ok(run_megatron(["export", "--load", str(tmp_path / "run"), "--to_hf", "true",
+                                "--save", str(tmp_path / "hf"), "--test_convert_precision", "true"]))
+        figures = precision_figures(out.stderr)
+        assert figures and all(d <= 1e-4 and a == 1.0 for d, a in figures.values()), figures
 
 
 def _kill_tree(pid: int) -> None:
@@ -172,6 +181,8 @@ def test_sigterm_saves_and_exits_cleanly(model_dir, dataset, tmp_path):
     (1, ["--pipeline_model_parallel_size", "8"], "exceeds the model's 4 layers"),
     (2, ["--pipeline_model_parallel_size", "4"], "world size 2 is not divisible"),
     (1, ["--context_parallel_size", "2"], "--context_parallel_size"),
+    (2, ["--context_parallel_size", "2", "--max_length", "510"],
+     "--max_length/--packing_length 510 is not divisible by 4 (2 x --context_parallel_size 2)"),
     (2, ["--pipeline_model_parallel_size", "2", "--decoder_first_pipeline_num_layers", "5"],
      "do not fit the model's 4 layers"),
     (1, ["--global_batch_size", "7"], "--global_batch_size 7 is not a multiple of --micro_batch_size 2"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -85,6 +86,21 @@ class ParallelArgs:
                 f"num_layers {num_layers} is not divisible by --pipeline_model_parallel_size {pp}"
                 + (f" x --virtual_pipeline_model_parallel_size {vpp}" if vpp > 1 else "")
                 + "; pick sizes that divide it")
+
+    def validate_sequence_budget(self, max_length: Optional[int]) -> None:
+        """Context parallel cuts every sequence into 2 x CP chunks (and sequence parallel each
+        rank's share into TP pieces): the sequence budget must split that way."""
+        cp, tp = self.context_parallel_size, self.tensor_model_parallel_size
+        if cp == 1 or max_length is None:
+            return
+        need = math.lcm(2 * cp, tp * cp) if self.sequence_parallel else 2 * cp
+        if max_length % need:
+            why = f"2 x --context_parallel_size {cp}" + (
+                f" and --tensor_model_parallel_size {tp} x --context_parallel_size {cp} (sequence parallel)"
+                if self.sequence_parallel else "")
+            raise LayoutError(
+                f"--max_length/--packing_length {max_length} is not divisible by {need} ({why}): "
+                f"use a multiple of {need}, e.g. {max_length - max_length % need or need}")
 
     @staticmethod
     def _validate_uneven(num_layers: int, pp: int, vpp: int, first, last) -> None:

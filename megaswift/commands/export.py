@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from megaswift.args.data import DataArgs
 from megaswift.args.export import ExportArgs
-from megaswift.args.parallel import ParallelArgs
+from megaswift.args.parallel import LayoutError, ParallelArgs
 from megaswift.args.parser import parse
 from megaswift.checkpointing import ARGS, HF_CONFIG, load_models, read_args, save_models
 from megaswift.converters.convert import export_hf_tensors, load_hf_weights
@@ -30,6 +30,11 @@ from megaswift.runtime.distributed import destroy_distributed, init_distributed,
 
 def run(argv: list[str]) -> int:
     args, parallel, data = parse((ExportArgs, ParallelArgs, DataArgs), argv, prog="megatron export")
+    if parallel.context_parallel_size > 1:
+        raise LayoutError(
+            f"--context_parallel_size {parallel.context_parallel_size}: conversion does not split "
+            "sequences and every context-parallel rank holds the same weights; export with "
+            "--context_parallel_size 1 (checkpoints trained at any CP size load)")
     out = Path(args.save).expanduser().resolve()
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--save {out} already exists; remove it, choose another "

@@ -14,6 +14,7 @@ with them) and ``loss_mask`` is 1.0 exactly where the shifted target was not ``-
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -21,21 +22,24 @@ from typing import Optional, Sequence
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from megaswift.kernels.attention import load_balanced_indices
+
 IGNORE_INDEX = -100
 
 __all__ = ["IGNORE_INDEX", "TrainBatch", "pad_multiple", "split_samples", "shift_labels",
-           "collate_padding_free", "collate_padded"]
+           "collate_padding_free", "collate_padded", "context_parallel_slice"]
 
 
 def pad_multiple(tp: int, sequence_parallel: bool, cp: int) -> int:
     """The multiple a micro-batch's token count (sequence dim) must be padded to.
 
-    Sequence parallel splits the sequence over the ``tp`` ranks; context parallel splits it into
-    ``2 * cp`` chunks (load-balanced causal halves). Both: their lcm. Neither: 1.
+    Context parallel cuts the sequence into ``2 * cp`` chunks (load-balanced causal halves), and
+    sequence parallel splits each CP rank's ``s / cp`` tokens over the ``tp`` ranks: the lcm of
+    ``2 * cp`` and ``tp * cp``. Neither: 1.
     """
     m = 1
     if sequence_parallel and tp > 1:
-        m = math.lcm(m, tp)
+        m = math.lcm(m, tp * cp)
     if cp > 1:
         m = math.lcm(m, 2 * cp)
     return m
@@ -73,9 +77,10 @@ class TrainBatch:
         """A copy with every tensor on ``device`` (cu_seqlens stay int32)."""
         p = self.packed_seq_params
         if p is not None:
-            p = PackedSeqParams(qkv_format="thd", cu_seqlens_q=p.cu_seqlens_q.to(device),
-                                cu_seqlens_kv=p.cu_seqlens_kv.to(device),
-                                max_seqlen_q=p.max_seqlen_q, max_seqlen_kv=p.max_seqlen_kv)
+            move = lambda x: x.to(device) if x is not None else None  # noqa: E731
+            p = dataclasses.replace(p, cu_seqlens_q=move(p.cu_seqlens_q), cu_seqlens_kv=move(p.cu_seqlens_kv),
+                                    cu_seqlens_q_padded=move(p.cu_seqlens_q_padded),
+                                    cu_seqlens_kv_padded=move(p.cu_seqlens_kv_padded))
         mask = self.attention_mask.to(device) if self.attention_mask is not None else None
         return TrainBatch(self.input_ids.to(device), self.labels.to(device),
                           self.loss_mask.to(device), self.position_ids.to(device), mask, p,
@@ -112,31 +117,88 @@ def _targets_and_mask(shifted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return torch.where(trained, shifted, torch.zeros_like(shifted)), trained.float()
 
 
-def collate_padding_free(samples: Sequence[dict], *, pad_id: int, multiple: int) -> TrainBatch:
+def _cumsum(lengths: Sequence[int]) -> torch.Tensor:
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
+    return cu
+
+
+def collate_padding_free(samples: Sequence[dict], *, pad_id: int, multiple: int, cp: int = 1,
+                         length: Optional[int] = None) -> TrainBatch:
     """All samples in one THD row ``[1, T]``: positions restart per sample, ``cu_seqlens``
-    marks the samples, and padding up to the next multiple of ``multiple`` forms its own last
-    segment (so ``cu_seqlens[-1] == T``, as megatron's THD RoPE splits by it) with loss_mask 0.
+    marks the samples, and padding up to the next multiple of ``multiple`` (or up to ``length``
+    exactly, for fixed shapes) forms its own last segment (so ``cu_seqlens[-1] == T``, as
+    megatron's THD RoPE splits by it) with loss_mask 0.
+
+    Context parallel (``cp > 1``) splits every sample into ``2 * cp`` chunks, so each sample is
+    first padded (at its end, loss_mask 0) to a multiple of ``2 * cp``: ``cu_seqlens_q_padded``
+    holds those bounds, ``cu_seqlens_q`` the real ones (TransformerEngine's convention).
+    Causal attention keeps the padding invisible to the sample's real tokens.
     """
     if multiple < 1:
         raise ValueError(f"pad multiple must be >= 1, got {multiple}")
+    if cp > 1 and multiple % (2 * cp):
+        raise ValueError(f"pad multiple {multiple} must be a multiple of 2 x cp = {2 * cp}")
     parts = split_samples(samples)
     lengths = [len(ids) for ids, _ in parts]
+    padded = [_round_up(n, 2 * cp) for n in lengths] if cp > 1 else lengths
     real = sum(lengths)
-    pad = _round_up(real, multiple) - real
-    ids = [t for x, _ in parts for t in x] + [pad_id] * pad
-    shifted = [t for _, lab in parts for t in shift_labels(lab)] + [IGNORE_INDEX] * pad
-    segments = lengths + ([pad] if pad else [])
-    positions = [p for n in segments for p in range(n)]
-
-    cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(segments, dtype=torch.int32), 0)
+    total = _round_up(sum(padded), multiple)
+    if length is not None:
+        if sum(padded) > length or length % multiple:
+            raise ValueError(f"a micro-batch of {sum(padded)} tokens does not fit the fixed length {length} "
+                             f"(a multiple of {multiple} is required)")
+        total = length
+    tail = total - sum(padded)
+    ids, shifted, positions = [], [], []
+    for (x, lab), n in zip(parts, padded):
+        extra = n - len(x)
+        ids += list(x) + [pad_id] * extra
+        shifted += shift_labels(lab) + [IGNORE_INDEX] * extra
+        positions += range(n)
+    ids += [pad_id] * tail
+    shifted += [IGNORE_INDEX] * tail
+    positions += range(tail)
+    segments = padded + ([tail] if tail else [])
+    cu = _cumsum(segments)
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                              max_seqlen_q=max(segments), max_seqlen_kv=max(segments))
+    if cp > 1:
+        real_cu = _cumsum(lengths + ([tail] if tail else []))
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=real_cu, cu_seqlens_kv=real_cu,
+                                 cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu,
+                                 max_seqlen_q=max(segments), max_seqlen_kv=max(segments))
     labels, loss_mask = _targets_and_mask(torch.tensor([shifted], dtype=torch.long))
     return TrainBatch(input_ids=torch.tensor([ids], dtype=torch.long), labels=labels,
                       loss_mask=loss_mask, position_ids=torch.tensor([positions], dtype=torch.long),
                       attention_mask=None, packed_seq_params=params,
-                      num_real_tokens=real, num_padded_tokens=pad)
+                      num_real_tokens=real, num_padded_tokens=total - real)
+
+
+def context_parallel_slice(batch: TrainBatch, cp_size: int, cp_rank: int) -> TrainBatch:
+    """The tokens context-parallel rank ``cp_rank`` computes (megatron's load-balanced split).
+
+    Padded batches: the sequence dim is cut into ``2 * cp`` chunks and the rank keeps chunks
+    ``cp_rank`` and ``2 * cp - 1 - cp_rank``; the attention mask keeps those query rows and every
+    key column. THD batches: the same per sample, by ``cu_seqlens_q_padded``. ``packed_seq_params``
+    keeps the global bounds (attention and RoPE work out the local layout from them).
+    ``num_real_tokens`` / ``num_padded_tokens`` still describe the whole micro-batch.
+    """
+    if cp_size == 1:
+        return batch
+    p = batch.packed_seq_params
+    if p is not None:
+        cu = p.cu_seqlens_q_padded if p.cu_seqlens_q_padded is not None else p.cu_seqlens_q
+        lens = (cu[1:] - cu[:-1]).tolist()
+    else:
+        lens = [batch.input_ids.shape[1]]
+    idx = load_balanced_indices(lens, cp_size, cp_rank).to(batch.input_ids.device)
+    pick = lambda x: x.index_select(1, idx)  # noqa: E731
+    mask = batch.attention_mask
+    if mask is not None:
+        mask = mask.index_select(2, idx) if mask.shape[2] > 1 else mask
+    return TrainBatch(pick(batch.input_ids), pick(batch.labels), pick(batch.loss_mask),
+                      pick(batch.position_ids), mask, p, batch.num_real_tokens, batch.num_padded_tokens)
 
 
 def collate_padded(samples: Sequence[dict], *, pad_id: int, multiple: int) -> TrainBatch:

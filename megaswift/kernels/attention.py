@@ -20,8 +20,17 @@ Common rules:
 * The softmax runs in float32 whatever the input dtype; the output has the input dtype.
 * ``softmax_scale`` defaults to ``1 / sqrt(d)``.
 * ``dropout_p`` drops attention probabilities (pass 0 outside training).
-* ``cp_group``: context parallelism is not supported yet; a group of more than one rank raises
-  ``ValueError``. This is the place where the context-parallel variant will be added.
+* ``cp_group``: context parallelism (see below); None or a one-rank group means none.
+
+Context parallel (``cp_group`` of ``cp`` ranks), megatron's load-balanced layout: every sequence
+(sbhd: the whole sequence dim; thd: each ``cu_seqlens`` segment, which must then be the
+*padded* bounds, every segment a multiple of ``2 * cp``, ``cu_seqlens[-1] == cp * t``) is cut into
+``2 * cp`` equal chunks and rank ``r`` holds chunks ``r`` and ``2 * cp - 1 - r``, concatenated, in
+q, k and v (what :func:`load_balanced_indices` selects). K/V are all-gathered over the group
+(backward: reduce-scattered), so each query chunk sees the keys of its whole sequence; the causal
+mask follows the chunks' global positions, and ``attention_mask`` (sbhd) is ``[b, 1, local sq,
+global sk]``. Outputs keep the local layout. Each rank does the same work (the two chunks of a
+causal sequence cost the same in total on every rank).
 
 ``attention()`` is the selector: ``fused`` unless the environment variable
 ``MEGASWIFT_ATTENTION=reference`` forces the reference.
@@ -37,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["reference", "fused", "attention", "ENV_VAR"]
+__all__ = ["reference", "fused", "attention", "load_balanced_indices", "ENV_VAR"]
 
 #: environment variable read by :func:`attention` ("fused", the default, or "reference")
 ENV_VAR = "MEGASWIFT_ATTENTION"
@@ -48,17 +57,51 @@ ENV_VAR = "MEGASWIFT_ATTENTION"
 # --------------------------------------------------------------------------------------------
 
 
-def _check_cp(cp_group) -> None:
-    """Context parallel is a later issue: fail loudly instead of computing a wrong result."""
+def _cp_size_rank(cp_group) -> tuple[int, int]:
     if cp_group is None:
-        return
-    size = cp_group.size() if hasattr(cp_group, "size") else torch.distributed.get_world_size(cp_group)
-    if size > 1:
-        raise ValueError(
-            f"megaswift's own attention kernel does not support context parallelism yet "
-            f"(got a context-parallel group of {size} ranks): run with --context_parallel_size 1, "
-            f"or use the TransformerEngine attention."
-        )
+        return 1, 0
+    return torch.distributed.get_world_size(cp_group), torch.distributed.get_rank(cp_group)
+
+
+def load_balanced_indices(seq_lens: list[int], cp_size: int, cp_rank: int) -> Tensor:
+    """Token indices rank ``cp_rank`` holds of sequences laid end to end with these lengths.
+
+    Each length must be a multiple of ``2 * cp_size``; sequence ``i`` is cut into ``2 * cp_size``
+    chunks and the rank keeps chunks ``cp_rank`` and ``2 * cp_size - 1 - cp_rank`` (in that
+    order): the first has the least causal work, the second the most, so ranks stay balanced.
+    """
+    pieces, start = [], 0
+    for n in seq_lens:
+        if n % (2 * cp_size):
+            raise ValueError(f"context parallel: sequence length {n} is not a multiple of "
+                             f"2 x context-parallel size = {2 * cp_size}")
+        c = n // (2 * cp_size)
+        for chunk in (cp_rank, 2 * cp_size - 1 - cp_rank):
+            pieces.append(torch.arange(start + chunk * c, start + (chunk + 1) * c))
+        start += n
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+
+
+class _GatherOverCP(torch.autograd.Function):
+    """All-gather along a new leading dim ``[cp, *x.shape]``; backward sums the gradients of
+    every rank's copy and hands each rank its own slice (reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        world = torch.distributed.get_world_size(group)
+        x = x.contiguous()
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        torch.distributed.all_gather_into_tensor(out, x, group=group)
+        return out.view(world, *x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        world = grad.shape[0]
+        grad = grad.contiguous().view(world * grad.shape[1], *grad.shape[2:])
+        out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+        torch.distributed.reduce_scatter_tensor(out, grad, group=ctx.group)
+        return out, None
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens, attention_mask) -> None:
@@ -146,8 +189,10 @@ def reference(
     cp_group=None,
 ) -> Tensor:
     """Plain-torch attention with explicit scores and masks (see the module docstring)."""
-    _check_cp(cp_group)
     _check_inputs(q, k, v, cu_seqlens, attention_mask)
+    if _cp_size_rank(cp_group)[0] > 1:
+        return _context_parallel(reference, q, k, v, cu_seqlens, attention_mask, causal,
+                                 softmax_scale, dropout_p, cp_group)
     scale = _scale(q, softmax_scale)
 
     if cu_seqlens is None:  # sbhd
@@ -226,8 +271,10 @@ def fused(
     thd runs SDPA once per packed sample (is_causal within the sample) rather than one dense
     [t, t] masked problem: exact, and cheaper since cross-sample blocks are never computed.
     """
-    _check_cp(cp_group)
     _check_inputs(q, k, v, cu_seqlens, attention_mask)
+    if _cp_size_rank(cp_group)[0] > 1:
+        return _context_parallel(fused, q, k, v, cu_seqlens, attention_mask, causal,
+                                 softmax_scale, dropout_p, cp_group)
     scale = _scale(q, softmax_scale)
 
     if cu_seqlens is None:  # sbhd
@@ -264,6 +311,62 @@ def fused(
     if not pieces:
         return q.new_zeros(t, hq * v.shape[-1])
     return torch.cat(pieces, dim=0).reshape(t, -1)
+
+
+# --------------------------------------------------------------------------------------------
+# context parallel: K/V all-gathered over the group, queries stay local
+# --------------------------------------------------------------------------------------------
+
+
+def _context_parallel(impl, q, k, v, cu_seqlens, attention_mask, causal, softmax_scale, dropout_p, cp_group):
+    """Attention of this rank's two chunks per sequence against the gathered keys (module doc).
+
+    Every query chunk is one bottom-right-aligned problem against the prefix of its sequence
+    that ends with the chunk (the whole sequence when not causal), solved by ``impl`` without CP.
+    """
+    cp, rank = _cp_size_rank(cp_group)
+    kv = _GatherOverCP.apply(torch.stack([k, v]), cp_group)  # [cp, 2, local tokens, ...]
+    thd = cu_seqlens is not None
+    t_local = q.shape[0]
+    if thd:
+        bounds = _sample_bounds(cu_seqlens, cp * t_local)
+        if bounds[-1] != cp * t_local:
+            raise ValueError(f"attention (context parallel): cu_seqlens must end at {cp} x {t_local} "
+                             f"local tokens = {cp * t_local}, got {bounds[-1]}")
+        segments = list(zip(bounds[:-1], bounds[1:]))
+    else:
+        segments = [(0, cp * t_local)]
+    kw = dict(causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p)
+    outs = []
+    for start, end in segments:
+        n = end - start
+        if n == 0:
+            continue
+        if n % (2 * cp):
+            raise ValueError(f"attention (context parallel): sequence of {n} tokens is not a multiple "
+                             f"of 2 x context-parallel size = {2 * cp}; pad each sequence to it")
+        c, off = n // (2 * cp), start // cp
+        # the full sequence in global order: chunk j < cp lives first on rank j, chunk j >= cp
+        # second on rank 2cp-1-j
+        full = torch.cat([kv[j, :, off:off + c] for j in range(cp)]
+                         + [kv[2 * cp - 1 - j, :, off + c:off + 2 * c] for j in range(cp, 2 * cp)], dim=1)
+        for half, chunk in enumerate((rank, 2 * cp - 1 - rank)):
+            rows = slice(off + half * c, off + (half + 1) * c)
+            kend = (chunk + 1) * c if causal else n
+            qb, kb, vb = q[rows], full[0, :kend], full[1, :kend]
+            if thd:  # one sequence: sbhd with b = 1
+                out = impl(qb.unsqueeze(1), kb.unsqueeze(1), vb.unsqueeze(1), **kw).squeeze(1)
+            else:
+                mask = None
+                if attention_mask is not None:
+                    m = _bool_mask(attention_mask)
+                    m = m.expand(*m.shape[:-2], t_local, m.shape[-1]) if m.shape[-2] == 1 else m
+                    mask = m[..., half * c:(half + 1) * c, :kend]
+                out = impl(qb, kb, vb, attention_mask=mask, **kw)
+            outs.append(out)
+    if not outs:
+        return q.new_zeros(t_local, *([q.shape[1]] if not thd else []), q.shape[-2] * v.shape[-1])
+    return torch.cat(outs, dim=0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,6 +51,11 @@ class CoreAttention(MegatronModule):
 
     Masking: causal for mask types causal / padding_causal / causal_bottom_right, combined (OR)
     with ``attention_mask`` when one is given. Fully-masked query rows give zeros.
+
+    Context parallel (``pg_collection.cp`` of more than one rank): inputs hold this rank's
+    load-balanced chunks (:func:`megaswift.data.collate.context_parallel_slice`); K/V are
+    gathered over the group. Packed batches then use ``cu_seqlens_q_padded`` (each sample padded
+    to a multiple of ``2 * cp``); ``attention_mask`` is ``[b, 1, local sq, global sk]``.
     """
 
     def __init__(
@@ -68,12 +73,10 @@ class CoreAttention(MegatronModule):
         super().__init__(config=config)
         self.config: TransformerConfig = config
 
-        if config.context_parallel_size > 1:
+        if cp_comm_type not in (None, "all_gather", "p2p"):
             raise ValueError(
-                f"--context_parallel_size {config.context_parallel_size}: megaswift's core "
-                "attention on the non-TransformerEngine path does not support context parallel "
-                "yet (it arrives with the training issue). Use --context_parallel_size 1 or "
-                "TransformerEngine."
+                f"cp_comm_type={cp_comm_type!r}: megaswift's core attention gathers K/V over the "
+                "context-parallel group ('all_gather'); use TransformerEngine for a2a variants."
             )
         if is_layer_window_attention(
             getattr(config, "window_size", None), getattr(config, "window_attn_skip_freq", None), max(1, layer_number)
@@ -92,14 +95,19 @@ class CoreAttention(MegatronModule):
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
-        self.cp_comm_type = cp_comm_type  # unused until context parallel lands
+        self.cp_comm_type = cp_comm_type
 
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         elif not hasattr(pg_collection, "tp"):
             raise ValueError("CoreAttention: pg_collection must have a 'tp' process group")
         self.pg_collection = pg_collection
         self.tp_group = pg_collection.tp
+        # context parallel: the same group megatron's attention hands RoPE
+        self.cp_group = getattr(pg_collection, "cp", None)
+        if config.context_parallel_size > 1 and (self.cp_group is None or self.cp_group.size() != config.context_parallel_size):
+            raise ValueError(f"CoreAttention: context_parallel_size {config.context_parallel_size} "
+                             "needs a 'cp' process group of that size in pg_collection")
 
         # Per attention head and per partition values (as DotProductAttention computes them).
         k_channels = kwargs.get("k_channels") or config.kv_channels
@@ -171,7 +179,7 @@ class CoreAttention(MegatronModule):
                     causal=causal,
                     softmax_scale=self.softmax_scale,
                     dropout_p=dropout_p,
-                    cp_group=p.cp_group,
+                    cp_group=self.cp_group,
                 )
         if qkv_format not in (None, "sbhd"):
             raise ValueError(
@@ -187,4 +195,5 @@ class CoreAttention(MegatronModule):
                 causal=causal,
                 softmax_scale=self.softmax_scale,
                 dropout_p=dropout_p,
+                cp_group=self.cp_group,
             )

@@ -175,6 +175,8 @@ class _CPUTorch:
                 dev = kwargs.get("device")
                 if dev is not None and "cuda" in str(dev):
                     kwargs["device"] = "cpu"
+                if kwargs.get("pin_memory"):  # needs an accelerator's pinned allocator
+                    kwargs["pin_memory"] = False
                 return __f(*args, **kwargs)
             return factory
         return attr
@@ -214,6 +216,14 @@ def patch_tensor_type() -> None:
         return original(self, dtype, non_blocking, **kwargs)
 
     torch.Tensor.type = type_
+
+
+@adaptation("models/common/embeddings/rope_utils.py get_pos_emb_on_this_cp_rank: "
+            "torch.tensor(..., pin_memory=True) (context-parallel RoPE split)")
+def patch_pinned_memory() -> None:
+    from megatron.core.models.common.embeddings import rope_utils
+
+    rope_utils.torch = _CPUTorch()
 
 
 def _tagged_batched_p2p_ops(*, tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_recv_next,

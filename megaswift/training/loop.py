@@ -22,11 +22,13 @@ from megaswift.training.setup import build_model, wrap_and_optimize
 from megaswift.training.step import eval_step, train_step
 
 
-def fixed_shape(job) -> tuple[int, int] | None:
+def fixed_shape(job, datasets=()) -> tuple[int, int] | None:
     """(seq_length, micro_batch_size) every micro-batch is padded to, or None for variable shapes.
 
     Interleaved (virtual) pipeline stages get fixed shapes: megatron-core's per-micro-batch shape
     exchange does not survive the interleaved schedule on gloo (the shape messages are untagged).
+    With context parallel, packed rows grow by their samples' padding to 2 x CP, so the length
+    is the longest such row in ``datasets``.
     """
     if not job.parallel.virtual_pipeline_model_parallel_size:
         return None
@@ -35,21 +37,36 @@ def fixed_shape(job) -> tuple[int, int] | None:
         raise ValueError("--virtual_pipeline_model_parallel_size needs --max_length (micro-batches "
                          "are padded to a fixed shape)")
     mbs = job.train.micro_batch_size
-    return (mbs * length, 1) if job.data.padding_free else (length, mbs)
+    if not job.data.padding_free:
+        return (length, mbs)
+    cp = job.parallel.context_parallel_size
+    if cp > 1:
+        for ds in datasets:
+            if ds is not None and "lengths" in ds.column_names:
+                longest = max(sum(_round_up(n, 2 * cp) for n in row) for row in ds["lengths"])
+                length = max(length, _round_up(longest, _multiple(job)))
+    return (mbs * length, 1)
 
 
-def _collate(job, tokenizer):
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _multiple(job) -> int:
     p = job.parallel
-    multiple = pad_multiple(p.tensor_model_parallel_size, p.sequence_parallel, p.context_parallel_size)
-    fixed = fixed_shape(job)
-    if fixed is not None:
-        if fixed[0] % multiple:
-            raise ValueError(f"fixed micro-batch length {fixed[0]} must be a multiple of {multiple} "
-                             "(TP with sequence parallel / 2 x CP): adjust --max_length")
-        multiple = fixed[0]
-    fn = collate_padding_free if job.data.padding_free else collate_padded
-    return partial(fn, pad_id=pad_id, multiple=multiple)
+    return pad_multiple(p.tensor_model_parallel_size, p.sequence_parallel, p.context_parallel_size)
+
+
+def _collate(job, tokenizer, fixed):
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    multiple = _multiple(job)
+    if fixed is not None and fixed[0] % multiple:
+        raise ValueError(f"fixed micro-batch length {fixed[0]} must be a multiple of {multiple} "
+                         "(TP with sequence parallel / 2 x CP): adjust --max_length")
+    if job.data.padding_free:
+        return partial(collate_padding_free, pad_id=pad_id, multiple=multiple,
+                       cp=job.parallel.context_parallel_size, length=fixed[0] if fixed else None)
+    return partial(collate_padded, pad_id=pad_id, multiple=fixed[0] if fixed else multiple)
 
 
 def _sample_lengths(ds) -> list[int]:
@@ -87,14 +104,15 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
         # cost ~1.5 s of a 6.5 s SmolLM2 step on CPU.
         t = dataclasses.replace(t, use_distributed_optimizer=False)
         log("one data-parallel rank: using the plain (non-distributed) optimizer")
-    chunks, config = build_model(hf, job.parallel, dtype, t, fixed_shape(job))
+    fixed = fixed_shape(job, (train_ds, val_ds))
+    chunks, config = build_model(hf, job.parallel, dtype, t, fixed)
     resume = _load_weights(job, hf, chunks)
     model, optimizer, scheduler = wrap_and_optimize(chunks, config, t, iters)
     start = 0
     if resume:
         start = load_training_state(Path(job.model.load).expanduser(), chunks, optimizer, scheduler)
         log(f"resumed from {job.model.load} at iteration {start}")
-    collate = _collate(job, tokenizer)
+    collate = _collate(job, tokenizer, fixed)
     lengths = _sample_lengths(train_ds)
     writer = dist.get_rank() == dist.get_world_size() - 1   # on the last stage, holds the loss
     logger = TrainLogger(save_root, t.tensorboard_dir, writer, iters)

@@ -16,20 +16,33 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megaswift.data.collate import context_parallel_slice
+
 
 def _loss_func(loss_mask: torch.Tensor, per_token_loss_scaling: bool, output: torch.Tensor):
     losses = output.float() * loss_mask
     loss = losses.sum()
     tokens = loss_mask.sum().to(torch.int)
     report = torch.stack([loss.detach(), tokens.detach().float()])
-    if per_token_loss_scaling:
+    if per_token_loss_scaling:  # megatron sums tokens over micro-batches and DP x CP ranks
         return loss, tokens, {"lm loss": report}
+    if parallel_state.get_context_parallel_world_size() > 1:
+        # this rank holds part of the micro-batch's tokens: divide by the whole micro-batch's
+        # count (megatron multiplies by the CP size and DDP averages over DP x CP)
+        tokens = tokens.clone()
+        dist.all_reduce(tokens, group=parallel_state.get_context_parallel_group())
     return loss / tokens.clamp(min=1), {"lm loss": report}
 
 
 def forward_step(data_iterator: Iterator, model, per_token: bool = True):
-    """megatron's forward_step_func: (per-token losses, loss function)."""
+    """megatron's forward_step_func: (per-token losses, loss function).
+
+    Every context-parallel rank reads the same micro-batch and keeps its load-balanced share.
+    """
     batch = next(data_iterator).to(next(model.parameters()).device)
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp > 1:
+        batch = context_parallel_slice(batch, cp, parallel_state.get_context_parallel_rank())
     output = model(batch.input_ids, batch.position_ids, batch.attention_mask, labels=batch.labels,
                    packed_seq_params=batch.packed_seq_params)
     return output, partial(_loss_func, batch.loss_mask, per_token)

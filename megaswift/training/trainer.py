@@ -113,9 +113,8 @@ def run(argv: list[str], mode: str) -> int:
                              job.parallel.tensor_model_parallel_size, record.get("padded_vocab_size"))
     dtype = _dtype(job, hf_config, record)
     tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=job.model.trust_remote_code)
-    if job.parallel.context_parallel_size > 1:
-        raise ValueError("--context_parallel_size > 1 is not supported yet on the non-TE attention "
-                         "path (megaswift's kernel has no context-parallel variant); use 1")
+    job.parallel.validate_sequence_budget(
+        job.data.resolved_packing_length if job.data.packing else job.data.max_length)
     init_distributed(job.parallel)
     try:
         from megaswift.training.loop import train_loop
