@@ -69,6 +69,8 @@ LAYOUTS = {
     "pp2_uneven": (2, ["--pipeline_model_parallel_size", "2", "--decoder_first_pipeline_num_layers", "1"]),
     "pp2_vpp2": (2, ["--pipeline_model_parallel_size", "2", "--virtual_pipeline_model_parallel_size", "2"]),
     "dp2_distopt": (2, ["--use_distributed_optimizer", "true"]),
+    "dp2_distopt_overlap": (2, ["--use_distributed_optimizer", "true", "--overlap_grad_reduce", "true",
+                                "--overlap_param_gather", "true"]),
     "recompute_full": (1, ["--recompute_granularity", "full", "--recompute_method", "uniform",
                            "--recompute_num_layers", "1"]),
     "recompute_selective": (1, ["--recompute_granularity", "selective"]),
@@ -127,8 +129,11 @@ def _kill_after_checkpoint(args, save: Path, at: int, nproc: int) -> None:
     tracker.write_text(str(at))
 
 
-@pytest.mark.parametrize("nproc,flags", [(1, []), (2, ["--use_distributed_optimizer", "true"])],
-                         ids=["single", "dp2_distopt"])
+@pytest.mark.parametrize("nproc,flags", [
+    (1, []),
+    (2, ["--use_distributed_optimizer", "true"]),
+    (2, ["--optimizer", "sgd", "--context_parallel_size", "2"]),  # SGD momentum state; CP ranks
+], ids=["single", "dp2_distopt", "sgd_cp2"])
 def test_resume_after_sigkill_equals_uninterrupted(nproc, flags, model_dir, dataset, tmp_path):
     full = tmp_path / "full"
     _ok(run_megatron(_sft_args(model_dir, dataset, full, 6, *flags), nproc=nproc))
@@ -186,6 +191,7 @@ def test_sigterm_saves_and_exits_cleanly(model_dir, dataset, tmp_path):
     (2, ["--pipeline_model_parallel_size", "2", "--decoder_first_pipeline_num_layers", "5"],
      "do not fit the model's 4 layers"),
     (1, ["--global_batch_size", "7"], "--global_batch_size 7 is not a multiple of --micro_batch_size 2"),
+    (2, ["--optimizer", "sgd"], "--optimizer sgd with 2 data-parallel ranks needs --use_distributed_optimizer false"),
 ])
 def test_invalid_layouts_fail_before_work(nproc, flags, message, model_dir, dataset, tmp_path):
     proc = run_megatron(_sft_args(model_dir, dataset, tmp_path / "run", 2, *flags), nproc=nproc)

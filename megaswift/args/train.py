@@ -48,7 +48,8 @@ class TrainArgs:
     use_distributed_optimizer: bool = field(default=True, metadata={"help": "Shard optimizer state over data-parallel ranks."})
     overlap_grad_reduce: bool = field(default=False, metadata={"help": "Overlap gradient reduce-scatter with backward."})
     overlap_param_gather: bool = field(default=False, metadata={"help": "Overlap parameter all-gather with forward."})
-    optimizer_cpu_offload: bool = field(default=False, metadata={"help": "Keep optimizer state on the CPU (GPU runs)."})
+    optimizer_cpu_offload: bool = field(default=False, metadata={"help": "Keep optimizer state and its update on the CPU (GPU runs; needs --optimizer adam and the distributed optimizer)."})
+    optimizer_offload_fraction: float = field(default=1.0, metadata={"help": "Share of the optimizer state offloaded with --optimizer_cpu_offload."})
     calculate_per_token_loss: bool = field(default=True, metadata={"help": "Average the loss over all trained tokens of the global batch."})
     recompute_granularity: Optional[str] = field(default=None, metadata={"help": "full|selective", "choices": ("full", "selective")})
     recompute_method: Optional[str] = field(default=None, metadata={"help": "uniform|block", "choices": ("uniform", "block")})
@@ -71,6 +72,11 @@ class TrainArgs:
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"--global_batch_size {self.global_batch_size} is not a multiple of "
                              f"--micro_batch_size {self.micro_batch_size}")
+        if not 0.0 <= self.optimizer_offload_fraction <= 1.0:
+            raise ValueError(f"--optimizer_offload_fraction {self.optimizer_offload_fraction} must be in [0, 1]")
+        if self.optimizer_cpu_offload and not self.use_distributed_optimizer:
+            raise ValueError("--optimizer_cpu_offload true needs --use_distributed_optimizer true "
+                             "(megatron-core offloads the distributed optimizer's shards)")
         if self.recompute_method and self.recompute_granularity != "full":
             raise ValueError("--recompute_method needs --recompute_granularity full")
         if self.recompute_granularity == "full" and not self.recompute_method:

@@ -45,24 +45,32 @@ def has_optimizer_state(root: Path) -> bool:
     return bool(common.get("has_optimizer", False))
 
 
-def _allocate_adam_state(optimizer) -> None:
-    """Give every parameter an (empty) Adam state before a load.
+def _allocate_optimizer_state(optimizer) -> None:
+    """Give every parameter an (empty) Adam or SGD-momentum state before a load.
 
     megatron-core's distributed optimizer reads the step count from existing state when it
     builds the sharded state dict to load into (`distrib_optimizer.py` state_dict asserts one
-    step value), and the loaded values overwrite these placeholders in place.
+    step value), and the loaded values overwrite these placeholders in place. For SGD
+    megatron-core 0.16 has no state initialiser at all (`init_state_fn` is None, called on
+    load): the momentum buffers allocated here stand in for it.
     """
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = opt.optimizer
-        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            fresh = lambda p: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),  # noqa: E731
+                               "step": torch.tensor(0.0)}
+        elif isinstance(inner, torch.optim.SGD):
+            fresh = lambda p: ({"momentum_buffer": torch.zeros_like(p)}  # noqa: E731
+                               if inner.defaults.get("momentum") else {})
+            if getattr(opt, "init_state_fn", True) is None:
+                opt.init_state_fn = lambda *_args, **_kw: None
+        else:
             continue
         for group in inner.param_groups:
             for p in group["params"]:
                 st = inner.state[p]
                 if not st:
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_avg_sq"] = torch.zeros_like(p)
-                    st["step"] = torch.tensor(0.0)
+                    st.update(fresh(p))
 
 
 def _param_group_steps(tree) -> set[float]:
@@ -104,7 +112,7 @@ def _restore_adam_steps(optimizer, loaded_optimizer_state) -> None:
 def load_training_state(root: Path, chunks, optimizer, scheduler) -> int:
     """Restore model, optimizer, schedule and RNG; returns the iteration to continue from."""
     ckpt = resolve(root)
-    _allocate_adam_state(optimizer)
+    _allocate_optimizer_state(optimizer)
     loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, scheduler, True, loading=True), str(ckpt))
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)

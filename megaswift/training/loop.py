@@ -99,7 +99,11 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
     sampler = GlobalBatchSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, dp_rank, dp_size,
                                  seed=job.data.data_seed)
     iters = t.train_iters or train_iters_for_epochs(len(train_ds), t.global_batch_size, t.max_epochs)
-    if dp_size == 1 and t.use_distributed_optimizer:
+    if t.optimizer_cpu_offload and not torch.cuda.is_available():
+        # the optimizer state already lives in host memory; megatron's hybrid optimizer assumes CUDA
+        t = dataclasses.replace(t, optimizer_cpu_offload=False)
+        log("--optimizer_cpu_offload: no GPU, the optimizer already runs on the CPU (nothing to offload)")
+    if dp_size == 1 and t.use_distributed_optimizer and not t.optimizer_cpu_offload:
         # Nothing to shard over one data-parallel rank; its reduce-scatter/all-gather round trip
         # cost ~1.5 s of a 6.5 s SmolLM2 step on CPU.
         t = dataclasses.replace(t, use_distributed_optimizer=False)

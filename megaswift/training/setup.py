@@ -84,6 +84,9 @@ def wrap_and_optimize(chunks: list, config, train: TrainArgs, train_iters: int) 
         clip_grad=train.clip_grad, bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
         use_distributed_optimizer=train.use_distributed_optimizer,
         optimizer_cpu_offload=train.optimizer_cpu_offload,
+        optimizer_offload_fraction=train.optimizer_offload_fraction if train.optimizer_cpu_offload else 0.0,
+        # megatron's hybrid CPU/GPU optimizer keeps fp32 master copies itself
+        use_precision_aware_optimizer=train.optimizer_cpu_offload,
         overlap_param_gather_with_optimizer_step=False,
     )
     optimizer = get_megatron_optimizer(opt_config, model)

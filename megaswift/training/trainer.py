@@ -100,6 +100,17 @@ def _build_data(job: Job, tokenizer):
     return train, val
 
 
+def _check_optimizer(job: Job) -> None:
+    """Optimizer choices that megatron-core cannot build, refused before any data is read."""
+    from megatron.core import parallel_state
+
+    dp = parallel_state.get_data_parallel_world_size()
+    t = job.train
+    if t.optimizer == "sgd" and t.use_distributed_optimizer and dp > 1:
+        raise ValueError(f"--optimizer sgd with {dp} data-parallel ranks needs --use_distributed_optimizer "
+                         "false: megatron-core's distributed optimizer supports Adam only")
+
+
 def run(argv: list[str], mode: str) -> int:
     from transformers import AutoTokenizer
 
@@ -117,6 +128,7 @@ def run(argv: list[str], mode: str) -> int:
         job.data.resolved_packing_length if job.data.packing else job.data.max_length)
     init_distributed(job.parallel)
     try:
+        _check_optimizer(job)
         from megaswift.training.loop import train_loop
 
         train_ds, val_ds = _build_data(job, tokenizer)
