@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -98,6 +99,25 @@ def test_loss_parity_with_one_process(layout, reference, model_dir, dataset, tmp
                                 "--save", str(tmp_path / "hf"), "--test_convert_precision", "true"]))
         figures = precision_figures(out.stderr)
         assert figures and all(d <= 1e-4 and a == 1.0 for d, a in figures.values()), figures
+
+
+def test_slurm_ranks_match_one_process(reference, model_dir, dataset, tmp_path):
+    """`srun megatron sft ...`: ranks from SLURM_PROCID / SLURM_NTASKS, master from the node list."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = _sft_args(model_dir, dataset, tmp_path / "run", ITERS, "--tensor_model_parallel_size", "2")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "NPROC_PER_NODE")}
+    env.update(SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port), PYTHONWARNINGS="ignore")
+    procs = [subprocess.Popen([sys.executable, "-m", "megaswift.cli", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}) for r in range(2)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    got = _losses(tmp_path / "run")
+    for it, ref in reference.items():
+        assert abs(got[it] - ref) / abs(ref) <= RTOL, f"iteration {it}: {got[it]} vs {ref}"
 
 
 def _kill_tree(pid: int) -> None:
