@@ -43,15 +43,18 @@ def save_models(models, root: Path, iteration: int | str = "release", extra: dic
     return save_state(state, root, iteration)
 
 
-def save_state(state: dict, root: Path, iteration: int | str) -> Path:
-    """dist_checkpointing.save of `state` into root/<iteration dir>, then the tracker (last)."""
+def save_state(state: dict, root: Path, iteration: int | str, extra=None) -> Path:
+    """dist_checkpointing.save of `state` into root/<iteration dir>, then `extra(ckpt_dir)` on
+    every rank (files of its own), then the tracker (last)."""
     ckpt = iteration_dir(root, iteration)
     if _rank() == 0:
         ckpt.mkdir(parents=True, exist_ok=True)
     _barrier()
     state = {**state, "checkpoint_version": 3.0,
              "iteration": 0 if iteration == "release" else int(iteration)}
-    dist_checkpointing.save(state, str(ckpt))
+    dist_checkpointing.save(state, str(ckpt))  # into an empty dir, as it expects
+    if extra is not None:
+        extra(ckpt)
     _barrier()
     if _rank() == 0:
         tmp = root / (TRACKER + ".tmp")

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
-from megaswift.checkpointing import iteration_dir, model_state_dict, resolve, save_state
+from megaswift.checkpointing import model_state_dict, resolve, save_state
 
 _OPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
@@ -33,11 +33,12 @@ def save_training_state(root: Path, iteration: int, chunks, optimizer, scheduler
     """Every rank calls it; the tracker is written last, after all ranks finished."""
     state = _sharded_state(chunks, optimizer, scheduler, save_optim, loading=False)
     state["has_optimizer"] = save_optim
-    ckpt = iteration_dir(root, iteration)
-    if save_rng:  # before the tracker: a checkpoint is complete or invisible
+
+    def save_rng_state(ckpt: Path) -> None:  # before the tracker: a checkpoint is complete or invisible
         (ckpt / "rng").mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), ckpt / "rng" / f"rank_{dist.get_rank()}.pt")
-    return save_state(state, root, iteration)
+
+    return save_state(state, root, iteration, extra=save_rng_state if save_rng else None)
 
 
 def has_optimizer_state(root: Path) -> bool:
