@@ -52,6 +52,13 @@ def test_tp_does_not_divide_heads(tiny_model_dir, tmp_path):
     _assert_failed_cleanly(proc, out, "--tensor_model_parallel_size 3 does not divide num_attention_heads 4")
 
 
+def test_export_refuses_context_parallel(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = _export(tiny_model_dir("llama"), out, "--context_parallel_size", "2")
+    _assert_failed_cleanly(proc, out, "--context_parallel_size 2: conversion does not split sequences",
+                           "export with --context_parallel_size 1")
+
+
 def test_corrupt_safetensors(tiny_model_dir, tmp_path):
     src, weights = _copy(tiny_model_dir("mistral"), tmp_path)
     data = weights.read_bytes()
