@@ -7,6 +7,21 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
+def pad_multiple(tp: int, sequence_parallel: bool, cp: int) -> int:
+    """The multiple a micro-batch's token count (sequence dim) must be padded to.
+
+    Context parallel cuts the sequence into ``2 * cp`` chunks (load-balanced causal halves), and
+    sequence parallel splits each CP rank's ``s / cp`` tokens over the ``tp`` ranks: the lcm of
+    ``2 * cp`` and ``tp * cp``. Neither: 1.
+    """
+    m = 1
+    if sequence_parallel and tp > 1:
+        m = math.lcm(m, tp * cp)
+    if cp > 1:
+        m = math.lcm(m, 2 * cp)
+    return m
+
+
 class LayoutError(ValueError):
     """A parallel layout that cannot work; the message names the flags and the fix."""
 
@@ -40,6 +55,11 @@ class ParallelArgs:
     def model_parallel_size(self) -> int:
         return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
                 * self.context_parallel_size)
+
+    @property
+    def sequence_multiple(self) -> int:
+        """What every micro-batch's sequence length must be a multiple of (:func:`pad_multiple`)."""
+        return pad_multiple(self.tensor_model_parallel_size, self.sequence_parallel, self.context_parallel_size)
 
     def data_parallel_size(self, world_size: int) -> int:
         self.validate_world_size(world_size)
@@ -93,7 +113,7 @@ class ParallelArgs:
         cp, tp = self.context_parallel_size, self.tensor_model_parallel_size
         if cp == 1 or max_length is None:
             return
-        need = math.lcm(2 * cp, tp * cp) if self.sequence_parallel else 2 * cp
+        need = self.sequence_multiple
         if max_length % need:
             why = f"2 x --context_parallel_size {cp}" + (
                 f" and --tensor_model_parallel_size {tp} x --context_parallel_size {cp} (sequence parallel)"

@@ -15,37 +15,22 @@ with them) and ``loss_mask`` is 1.0 exactly where the shifted target was not ``-
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from megaswift.args.parallel import pad_multiple
 from megaswift.kernels.attention import load_balanced_indices
 
 IGNORE_INDEX = -100
 
-__all__ = ["IGNORE_INDEX", "TrainBatch", "pad_multiple", "split_samples", "shift_labels",
+__all__ = ["IGNORE_INDEX", "TrainBatch", "pad_multiple", "round_up", "split_samples", "shift_labels",
            "collate_padding_free", "collate_padded", "context_parallel_slice"]
 
 
-def pad_multiple(tp: int, sequence_parallel: bool, cp: int) -> int:
-    """The multiple a micro-batch's token count (sequence dim) must be padded to.
-
-    Context parallel cuts the sequence into ``2 * cp`` chunks (load-balanced causal halves), and
-    sequence parallel splits each CP rank's ``s / cp`` tokens over the ``tp`` ranks: the lcm of
-    ``2 * cp`` and ``tp * cp``. Neither: 1.
-    """
-    m = 1
-    if sequence_parallel and tp > 1:
-        m = math.lcm(m, tp * cp)
-    if cp > 1:
-        m = math.lcm(m, 2 * cp)
-    return m
-
-
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
@@ -141,9 +126,9 @@ def collate_padding_free(samples: Sequence[dict], *, pad_id: int, multiple: int,
         raise ValueError(f"pad multiple {multiple} must be a multiple of 2 x cp = {2 * cp}")
     parts = split_samples(samples)
     lengths = [len(ids) for ids, _ in parts]
-    padded = [_round_up(n, 2 * cp) for n in lengths] if cp > 1 else lengths
+    padded = [round_up(n, 2 * cp) for n in lengths] if cp > 1 else lengths
     real = sum(lengths)
-    total = _round_up(sum(padded), multiple)
+    total = round_up(sum(padded), multiple)
     if length is not None:
         if sum(padded) > length or length % multiple:
             raise ValueError(f"a micro-batch of {sum(padded)} tokens does not fit the fixed length {length} "
@@ -161,13 +146,11 @@ def collate_padding_free(samples: Sequence[dict], *, pad_id: int, multiple: int,
     positions += range(tail)
     segments = padded + ([tail] if tail else [])
     cu = _cumsum(segments)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+    padded_cu = cu if cp > 1 else None
+    real_cu = _cumsum(lengths + ([tail] if tail else [])) if cp > 1 else cu
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=real_cu, cu_seqlens_kv=real_cu,
+                             cu_seqlens_q_padded=padded_cu, cu_seqlens_kv_padded=padded_cu,
                              max_seqlen_q=max(segments), max_seqlen_kv=max(segments))
-    if cp > 1:
-        real_cu = _cumsum(lengths + ([tail] if tail else []))
-        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=real_cu, cu_seqlens_kv=real_cu,
-                                 cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu,
-                                 max_seqlen_q=max(segments), max_seqlen_kv=max(segments))
     labels, loss_mask = _targets_and_mask(torch.tensor([shifted], dtype=torch.long))
     return TrainBatch(input_ids=torch.tensor([ids], dtype=torch.long), labels=labels,
                       loss_mask=loss_mask, position_ids=torch.tensor([positions], dtype=torch.long),
@@ -215,7 +198,7 @@ def collate_padded(samples: Sequence[dict], *, pad_id: int, multiple: int) -> Tr
                              "packing needs --padding_free true")
     parts = split_samples(samples)
     b = len(parts)
-    s = _round_up(max(len(ids) for ids, _ in parts), multiple)
+    s = round_up(max(len(ids) for ids, _ in parts), multiple)
     ids = torch.full((b, s), pad_id, dtype=torch.long)
     shifted = torch.full((b, s), IGNORE_INDEX, dtype=torch.long)
     real = torch.zeros(b, s, dtype=torch.bool)

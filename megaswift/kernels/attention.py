@@ -325,47 +325,40 @@ def _context_parallel(impl, q, k, v, cu_seqlens, attention_mask, causal, softmax
     that ends with the chunk (the whole sequence when not causal), solved by ``impl`` without CP.
     """
     cp, rank = _cp_size_rank(cp_group)
-    kv = _GatherOverCP.apply(torch.stack([k, v]), cp_group)  # [cp, 2, local tokens, ...]
-    thd = cu_seqlens is not None
     t_local = q.shape[0]
-    if thd:
+    if cu_seqlens is not None:
         bounds = _sample_bounds(cu_seqlens, cp * t_local)
         if bounds[-1] != cp * t_local:
             raise ValueError(f"attention (context parallel): cu_seqlens must end at {cp} x {t_local} "
                              f"local tokens = {cp * t_local}, got {bounds[-1]}")
-        segments = list(zip(bounds[:-1], bounds[1:]))
     else:
-        segments = [(0, cp * t_local)]
+        bounds = [0, cp * t_local]
+    lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    # K/V of every rank, put back into global token order: rank r's tokens sit at the positions
+    # load_balanced_indices(.., r) names (it also checks every length is a multiple of 2 x cp)
+    owner = torch.cat([load_balanced_indices(lens, cp, r) for r in range(cp)]).to(q.device)
+    kv = _GatherOverCP.apply(torch.stack([k, v], dim=1), cp_group)  # [cp, t_local, 2, ...]
+    kv = kv.reshape(cp * t_local, *kv.shape[2:]).index_select(0, torch.argsort(owner))
     kw = dict(causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p)
     outs = []
-    for start, end in segments:
-        n = end - start
+    for start, n in zip(bounds, lens):
         if n == 0:
             continue
-        if n % (2 * cp):
-            raise ValueError(f"attention (context parallel): sequence of {n} tokens is not a multiple "
-                             f"of 2 x context-parallel size = {2 * cp}; pad each sequence to it")
-        c, off = n // (2 * cp), start // cp
-        # the full sequence in global order: chunk j < cp lives first on rank j, chunk j >= cp
-        # second on rank 2cp-1-j
-        full = torch.cat([kv[j, :, off:off + c] for j in range(cp)]
-                         + [kv[2 * cp - 1 - j, :, off + c:off + 2 * c] for j in range(cp, 2 * cp)], dim=1)
+        c = n // (2 * cp)
         for half, chunk in enumerate((rank, 2 * cp - 1 - rank)):
-            rows = slice(off + half * c, off + (half + 1) * c)
-            kend = (chunk + 1) * c if causal else n
-            qb, kb, vb = q[rows], full[0, :kend], full[1, :kend]
-            if thd:  # one sequence: sbhd with b = 1
+            rows = slice(start // cp + half * c, start // cp + (half + 1) * c)  # local query rows
+            keys = kv[start:start + ((chunk + 1) * c if causal else n)]        # global prefix
+            qb, kb, vb = q[rows], keys[:, 0], keys[:, 1]
+            if cu_seqlens is not None:  # one sequence: sbhd with b = 1
                 out = impl(qb.unsqueeze(1), kb.unsqueeze(1), vb.unsqueeze(1), **kw).squeeze(1)
             else:
                 mask = None
                 if attention_mask is not None:
                     m = _bool_mask(attention_mask)
                     m = m.expand(*m.shape[:-2], t_local, m.shape[-1]) if m.shape[-2] == 1 else m
-                    mask = m[..., half * c:(half + 1) * c, :kend]
+                    mask = m[..., rows, :keys.shape[0]]
                 out = impl(qb, kb, vb, attention_mask=mask, **kw)
             outs.append(out)
-    if not outs:
-        return q.new_zeros(t_local, *([q.shape[1]] if not thd else []), q.shape[-2] * v.shape[-1])
     return torch.cat(outs, dim=0)
 
 

@@ -73,7 +73,7 @@ class CoreAttention(MegatronModule):
         super().__init__(config=config)
         self.config: TransformerConfig = config
 
-        if cp_comm_type not in (None, "all_gather", "p2p"):
+        if config.context_parallel_size > 1 and cp_comm_type not in (None, "all_gather", "p2p"):
             raise ValueError(
                 f"cp_comm_type={cp_comm_type!r}: megaswift's core attention gathers K/V over the "
                 "context-parallel group ('all_gather'); use TransformerEngine for a2a variants."

@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 from megaswift.checkpointing import load_models
 from megaswift.converters.convert import load_hf_weights
 from megaswift.converters.hf_io import HFReader
-from megaswift.data.collate import collate_padded, collate_padding_free, pad_multiple
+from megaswift.data.collate import collate_padded, collate_padding_free, round_up
 from megaswift.logging_utils import log
 from megaswift.training.checkpoint import has_optimizer_state, load_training_state, save_training_state
 from megaswift.training.data import GlobalBatchSampler, eval_batches, micro_batch_iterator, train_iters_for_epochs
@@ -43,23 +43,14 @@ def fixed_shape(job, datasets=()) -> tuple[int, int] | None:
     if cp > 1:
         for ds in datasets:
             if ds is not None and "lengths" in ds.column_names:
-                longest = max(sum(_round_up(n, 2 * cp) for n in row) for row in ds["lengths"])
-                length = max(length, _round_up(longest, _multiple(job)))
+                longest = max(sum(round_up(n, 2 * cp) for n in row) for row in ds["lengths"])
+                length = max(length, round_up(longest, job.parallel.sequence_multiple))
     return (mbs * length, 1)
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def _multiple(job) -> int:
-    p = job.parallel
-    return pad_multiple(p.tensor_model_parallel_size, p.sequence_parallel, p.context_parallel_size)
 
 
 def _collate(job, tokenizer, fixed):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    multiple = _multiple(job)
+    multiple = job.parallel.sequence_multiple
     if fixed is not None and fixed[0] % multiple:
         raise ValueError(f"fixed micro-batch length {fixed[0]} must be a multiple of {multiple} "
                          "(TP with sequence parallel / 2 x CP): adjust --max_length")
