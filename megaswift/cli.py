@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     nproc = int(os.environ.get("NPROC_PER_NODE", "1"))
-    if nproc > 1 and "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
-        return _launch_torchrun(argv)
+    nnodes = int(os.environ.get("NNODES", "1"))
+    if (nproc > 1 or nnodes > 1) and "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
+        os.environ.setdefault("NPROC_PER_NODE", str(nproc))
+        return _launch_torchrun(argv)  # one process per node on several nodes is a job too
     # megatron-core warns at import about TE/Apex being absent and deprecated flags; on the
     # non-TE path that is expected noise that buries the command's own output.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")

@@ -120,6 +120,26 @@ def test_slurm_ranks_match_one_process(reference, model_dir, dataset, tmp_path):
         assert abs(got[it] - ref) / abs(ref) <= RTOL, f"iteration {it}: {got[it]} vs {ref}"
 
 
+def test_two_nodes_of_one_process_match_one_process(reference, model_dir, dataset, tmp_path):
+    """`NNODES=2 NODE_RANK=i NPROC_PER_NODE=1 megatron sft ...` on each node: torchrun underneath
+    (here both "nodes" are this machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = _sft_args(model_dir, dataset, tmp_path / "run", ITERS, "--tensor_model_parallel_size", "2")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               PYTHONWARNINGS="ignore")
+    procs = [subprocess.Popen([sys.executable, "-m", "megaswift.cli", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env={**env, "NODE_RANK": str(r)})
+             for r in range(2)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    got = _losses(tmp_path / "run")
+    for it, ref in reference.items():
+        assert abs(got[it] - ref) / abs(ref) <= RTOL, f"iteration {it}: {got[it]} vs {ref}"
+
+
 def _kill_tree(pid: int) -> None:
     """SIGKILL a launcher and every worker below it (torchrun's workers outlive their parent)."""
     root = psutil.Process(pid)
