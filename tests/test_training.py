@@ -42,13 +42,22 @@ def _sft_args(model_dir, dataset, save, iters=ITERS, *extra):
             "--lr", "1e-4", "--max_length", "512", "--add_version", "false", *extra]
 
 
-def _losses(save: Path) -> dict[int, float]:
+def _losses(save: Path, key: str = "loss") -> dict[int, float]:
     out = {}
     for line in (save / "logging.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["iteration"]] = rec["loss"]
+        if key in rec:
+            out[rec["iteration"]] = rec[key]
     return out
+
+
+def _assert_parity(got: Path, ref: dict[str, dict[int, float]]) -> None:
+    """Losses and gradient norms (what clipping uses) equal the reference's, rel <= RTOL."""
+    for key, want in ref.items():
+        have = _losses(got, key)
+        assert sorted(have) == sorted(want), (key, sorted(have))
+        for it, w in want.items():
+            assert abs(have[it] - w) / abs(w) <= RTOL, f"{key} at iteration {it}: {have[it]} vs {w}"
 
 
 def _ok(proc):
@@ -60,7 +69,21 @@ def _ok(proc):
 def reference(model_dir, dataset, tmp_path_factory):
     save = tmp_path_factory.mktemp("ref") / "run"
     _ok(run_megatron(_sft_args(model_dir, dataset, save)))
-    return _losses(save)
+    return {"loss": _losses(save), "grad_norm": _losses(save, "grad_norm")}
+
+
+# SGD is not scale-invariant as Adam nearly is: a wrong gradient norm (and so a wrong clip factor)
+# shows in the losses. --clip_grad 0.5 is below every iteration's norm here, so the clip is active.
+SGD = ["--optimizer", "sgd", "--lr", "0.5", "--clip_grad", "0.5", "--use_distributed_optimizer", "false"]
+
+
+@pytest.fixture(scope="module")
+def sgd_reference(model_dir, dataset, tmp_path_factory):
+    save = tmp_path_factory.mktemp("ref-sgd") / "run"
+    _ok(run_megatron(_sft_args(model_dir, dataset, save, ITERS, *SGD)))
+    norms = _losses(save, "grad_norm")
+    assert min(norms.values()) > 0.5, norms  # clipping is active at every step
+    return {"loss": _losses(save), "grad_norm": norms}
 
 
 LAYOUTS = {
@@ -89,16 +112,24 @@ LAYOUTS = {
 def test_loss_parity_with_one_process(layout, reference, model_dir, dataset, tmp_path):
     nproc, flags = LAYOUTS[layout]
     _ok(run_megatron(_sft_args(model_dir, dataset, tmp_path / "run", ITERS, *flags), nproc=nproc, timeout=600))
+    _assert_parity(tmp_path / "run", reference)
     got = _losses(tmp_path / "run")
-    assert sorted(got) == list(range(1, ITERS + 1))
-    for it, ref in reference.items():
-        assert abs(got[it] - ref) / abs(ref) <= RTOL, f"iteration {it}: {got[it]} vs {ref}"
     assert got[ITERS] < got[1]  # it learns
     if layout == "cp2_tp2_sp":  # a checkpoint trained at TP=2 x CP=2 exports to HF (at TP=1)
         out = _ok(run_megatron(["export", "--load", str(tmp_path / "run"), "--to_hf", "true",
                                 "--save", str(tmp_path / "hf"), "--test_convert_precision", "true"]))
         figures = precision_figures(out.stderr)
         assert figures and all(d <= 1e-4 and a == 1.0 for d, a in figures.values()), figures
+
+
+@pytest.mark.parametrize("nproc,flags", [
+    (2, ["--tensor_model_parallel_size", "2", "--sequence_parallel", "true"]),
+    (2, ["--pipeline_model_parallel_size", "2"]),
+    (2, []),  # data parallel
+], ids=["tp2_sp", "pp2", "dp2"])
+def test_sgd_with_active_clipping_matches_one_process(nproc, flags, sgd_reference, model_dir, dataset, tmp_path):
+    _ok(run_megatron(_sft_args(model_dir, dataset, tmp_path / "run", ITERS, *SGD, *flags), nproc=nproc, timeout=600))
+    _assert_parity(tmp_path / "run", sgd_reference)
 
 
 def test_slurm_ranks_match_one_process(reference, model_dir, dataset, tmp_path):
@@ -115,9 +146,7 @@ def test_slurm_ranks_match_one_process(reference, model_dir, dataset, tmp_path):
                               env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}) for r in range(2)]
     errs = [p.communicate(timeout=600)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
-    got = _losses(tmp_path / "run")
-    for it, ref in reference.items():
-        assert abs(got[it] - ref) / abs(ref) <= RTOL, f"iteration {it}: {got[it]} vs {ref}"
+    _assert_parity(tmp_path / "run", reference)
 
 
 def test_two_nodes_of_one_process_match_one_process(reference, model_dir, dataset, tmp_path):
@@ -135,9 +164,7 @@ def test_two_nodes_of_one_process_match_one_process(reference, model_dir, datase
              for r in range(2)]
     errs = [p.communicate(timeout=600)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
-    got = _losses(tmp_path / "run")
-    for it, ref in reference.items():
-        assert abs(got[it] - ref) / abs(ref) <= RTOL, f"iteration {it}: {got[it]} vs {ref}"
+    _assert_parity(tmp_path / "run", reference)
 
 
 def _kill_tree(pid: int) -> None:

@@ -7,6 +7,8 @@ import math
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
 from megaswift.model.rope import install_rope
@@ -43,6 +45,31 @@ def build_gpt_model(hf_config, config, *, padded_vocab: int, vp_stage: int | Non
         vp_stage=vp_stage,
     )
     install_rope(model, hf_config, config)
+    mark_tensor_parallel_weights(model)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> int:
+    """Tag every TP-sharded weight `tensor_model_parallel` (with its partition dim); returns how many.
+
+    megatron-core 0.16 sets these attributes only inside its weight initialisers, which
+    `perform_initialization=False` skips (our weights always come from a checkpoint). Untagged,
+    a shard counts as a TP duplicate: the gradient norm sums only TP rank 0's shards, so every
+    TP run logged a smaller norm and clipped by the wrong factor (TP=2: 1.54 against 1.85).
+    Biases of column-parallel linears are tagged by megatron itself.
+    """
+    tagged = 0
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not getattr(weight, "tensor_model_parallel", False):
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
+            tagged += 1
+    return tagged

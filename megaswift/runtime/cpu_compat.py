@@ -252,6 +252,36 @@ def patch_p2p_tags() -> None:
     p2p_communication._batched_p2p_ops = _tagged_batched_p2p_ops
 
 
+def sum_of_squares(tensor: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """sum(tensor**2) in float64, accurate to ~1e-7 relative at any size, as fast as torch.norm.
+
+    torch's CPU float32 `norm` loses precision on large tensors (0.8% on 50M N(0,1) values, 7.6e-4
+    on a 3M-element embedding gradient): each 2048-element chunk is normed in float32, the
+    partial sums are added in float64.
+    """
+    flat = tensor.detach().reshape(-1)
+    n = flat.numel() // chunk * chunk
+    total = torch.linalg.vector_norm(flat[:n].view(-1, chunk).float(), dim=1).double().pow(2).sum()
+    if n < flat.numel():
+        total = total + flat[n:].double().pow(2).sum()
+    return total
+
+
+def _accurate_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for megatron's `local_multi_tensor_l2_norm` (the no-apex fallback, [norm], None)."""
+    total = sum((sum_of_squares(t) for t in tensor_lists[0]), torch.zeros((), dtype=torch.float64))
+    return total.sqrt().float().reshape(1), None
+
+
+@adaptation("optimizer/clip_grads.py get_grad_norm_fp32 via utils.local_multi_tensor_l2_norm: "
+            "torch.norm(tensor) in float32 (inaccurate on CPU for large tensors: wrong grad norm "
+            "and clipping, and a different norm for each TP layout)")
+def patch_l2_norm() -> None:
+    from megatron.core.optimizer import clip_grads
+
+    clip_grads.l2_norm_impl = _accurate_l2_norm
+
+
 def apply() -> None:
     """Apply every CPU adaptation once; does nothing when CUDA is available."""
     global _applied
