@@ -7,22 +7,32 @@
 
 A checkpoint directory only becomes visible through the tracker, written after every rank has
 finished, so a crash during a save leaves the previous checkpoint usable.
+
+Every load goes through `load_state` / `load_common`: no pickle in the checkpoint runs code
+(`runtime/safe_load.py`), and a damaged tracker, iteration directory or shard is a one-line
+CheckpointError naming the file, checked before megatron-core reads anything.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
+import zipfile
 from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megaswift.converters.hf_io import CheckpointError
+from megaswift.runtime.safe_load import damaged, read_metadata, restricted_unpickling
 
 TRACKER = "latest_checkpointed_iteration.txt"
 ARGS = "args.json"
 HF_CONFIG = "hf_config"
+_ITERATION = re.compile(r"release|iter_\d{7}")
 
 
 def iteration_dir(root: Path, iteration: int | str) -> Path:
@@ -71,16 +81,105 @@ def resolve(root: Path) -> Path:
         raise CheckpointError(f"{root} is not a megatron checkpoint: {TRACKER} is missing "
                               "(was the save interrupted? pass a directory written by "
                               "`megatron export --to_mcore` or a training run)")
-    ckpt = iteration_dir(root, tracker.read_text().strip())
+    text = tracker.read_bytes().decode("utf-8", "replace").strip()
+    if text != "release" and not (text.isascii() and text.isdigit()):
+        raise CheckpointError(f"{tracker} is damaged: it holds {text[:40]!r}, not an iteration number "
+                              f"or 'release'; {_iterations_hint(root)}")
+    ckpt = iteration_dir(root, text)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{tracker} names iteration {text}, but {ckpt} does not exist; "
+                              f"{_iterations_hint(root)}")
     if not (ckpt / "metadata.json").exists():
-        raise CheckpointError(f"{ckpt} named by {tracker} is not a complete torch_dist checkpoint")
+        raise CheckpointError(f"{ckpt} named by {tracker} is not a complete torch_dist checkpoint; "
+                              f"{_iterations_hint(root, ckpt)}")
+    _check_format(ckpt)
     return ckpt
+
+
+def _iterations_hint(root: Path, but: Path | None = None) -> str:
+    """Which complete iterations `root` holds, for errors about the one the tracker names."""
+    found = sorted(p.name for p in root.iterdir()
+                   if p != but and _ITERATION.fullmatch(p.name) and (p / "metadata.json").is_file())
+    if not found:
+        return f"{root} holds no complete iteration: re-save the checkpoint"
+    return f"{root} holds {', '.join(found)}: write the one to load (its number, or release) into {TRACKER}"
+
+
+def _check_format(ckpt: Path) -> None:
+    """Only torch_dist with megatron's torch common file: the formats whose readers
+    `restricted_unpickling` guards (megatron-core would pick its reader from this file)."""
+    path = ckpt / "metadata.json"
+    try:
+        fmt = json.loads(path.read_text())
+        backends = (fmt["sharded_backend"], fmt["common_backend"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise damaged(path, f"{type(e).__name__}: {e}") from None
+    if backends != ("torch_dist", "torch"):
+        raise CheckpointError(f"{path}: a {backends[0]!r}/{backends[1]!r} checkpoint; megaswift loads "
+                              "torch_dist checkpoints only (re-save it with megatron-core's torch_dist format)")
+
+
+def _check_shards(ckpt: Path) -> None:
+    """Every file the checkpoint's index names exists inside `ckpt` and is long enough.
+
+    A truncated or missing shard is named here, before megatron-core starts: torch would fail
+    deep inside its reader ("PytorchStreamReader failed reading zip archive", EOFError) with a
+    traceback that names no file.
+    """
+    index = ckpt / ".metadata"
+    md = read_metadata(index)
+    need: dict[str, int] = {}
+    try:
+        for info in (md.storage_data or {}).values():
+            need[info.relative_path] = max(need.get(info.relative_path, 0), int(info.offset) + int(info.length))
+    except (AttributeError, TypeError, ValueError) as e:
+        raise damaged(index, f"{type(e).__name__}: {e}") from None
+    for rel, size in sorted(need.items()):
+        path = ckpt / rel
+        if Path(rel).name != rel or rel in ("", ".", ".."):
+            raise damaged(index, f"it names a file outside the checkpoint: {rel!r}")
+        if not path.is_file():
+            raise damaged(path, f"missing; {index} lists it")
+        if path.stat().st_size < size:
+            raise damaged(path, f"truncated: {path.stat().st_size} bytes, {index.name} needs {size}")
+
+
+def _read_failure(e: CheckpointException) -> BaseException | None:
+    """The per-rank failure inside torch's CheckpointException that is a damaged file (a shard
+    whose bytes are not what the index says), or None for anything else (e.g. a shape mismatch)."""
+    for failure in e.failures.values():
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(exc, CheckpointError | EOFError | pickle.UnpicklingError | zipfile.BadZipFile | OSError) or (
+                isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc)):
+            return exc
+    return None
+
+
+def load_state(sharded_state: dict, ckpt: Path) -> dict:
+    """dist_checkpointing.load of the iteration directory `ckpt` (from `resolve`), safely."""
+    with restricted_unpickling(ckpt):
+        _check_shards(ckpt)
+        try:
+            return dist_checkpointing.load(sharded_state, str(ckpt))
+        except CheckpointException as e:
+            cause = _read_failure(e)
+            if isinstance(cause, CheckpointError):
+                raise cause from None
+            if cause is not None:
+                raise damaged(ckpt, f"{type(cause).__name__}: {cause}") from None
+            raise
+
+
+def load_common(ckpt: Path) -> dict:
+    """The common (non-sharded) state of the iteration directory `ckpt`, safely."""
+    with restricted_unpickling(ckpt):
+        _check_shards(ckpt)
+        return dist_checkpointing.load_common_state_dict(str(ckpt))
 
 
 def load_models(models, root: Path) -> None:
     """Load this rank's chunks from `root` at whatever TP/PP it was saved with."""
-    ckpt = resolve(root)
-    loaded = dist_checkpointing.load(model_state_dict(models), str(ckpt))
+    loaded = load_state(model_state_dict(models), resolve(root))
     if len(models) == 1:
         models[0].load_state_dict(loaded["model"], strict=True)
     else:

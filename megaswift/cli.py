@@ -2,7 +2,9 @@
 
 With `NPROC_PER_NODE` > 1 (and not already under a launcher) the same command is re-executed
 under torchrun, as Megatron-SWIFT does: `NPROC_PER_NODE=4 megatron export ...`; `NNODES`,
-`NODE_RANK`, `MASTER_ADDR` and `MASTER_PORT` are passed through for multi-node runs.
+`NODE_RANK`, `MASTER_ADDR` and `MASTER_PORT` are passed through for multi-node runs. Stopping the
+launcher (SIGTERM from a scheduler or `kill`, Ctrl-C) stops the whole job the way it stops a single
+process: every worker saves after its current iteration and exits 0.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -33,7 +36,31 @@ def _launch_torchrun(argv: list[str]) -> int:
     else:
         cmd += ["--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0"]
     cmd += ["-m", "megaswift.cli", *argv]
-    return subprocess.call(cmd)
+    # torchrun gets a session of its own, so a terminal's Ctrl-C reaches this process only, and
+    # signals go past torchrun to its workers: torchrun's own handler would kill them after
+    # --shutdown_timeout (30 s) and exit 1 even when they saved cleanly.
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum, _frame):
+        import psutil
+
+        sig = signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM  # SIGHUP: stop too
+        try:
+            workers = psutil.Process(proc.pid).children()
+        except psutil.NoSuchProcess:
+            return
+        for p in workers or [psutil.Process(proc.pid)]:  # none yet: torchrun stops the start-up
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,9 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     command = importlib.import_module(COMMANDS[argv[0]])
     try:
         return command.run(argv[1:])
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as e:
         print(f"megatron {argv[0]}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training, or a second Ctrl-C during it
+        print(f"megatron {argv[0]}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

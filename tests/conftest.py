@@ -39,6 +39,23 @@ def run_megatron(args: list[str], nproc: int = 1, timeout: int = 300) -> subproc
                           capture_output=True, text=True, timeout=timeout)
 
 
+def logged(save: Path, key: str = "loss") -> dict[int, float]:
+    """{iteration: value} of `key` from a run's logging.jsonl."""
+    import json
+
+    out = {}
+    for line in (Path(save) / "logging.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if key in rec:
+            out[rec["iteration"]] = rec[key]
+    return out
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 def precision_figures(output: str) -> dict[str, tuple[float, float]]:
     """{layout: (max_abs_diff, argmax_agreement)} from `--test_convert_precision` lines."""
     out = {}

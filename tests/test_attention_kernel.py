@@ -162,19 +162,16 @@ def test_softmax_scale_is_used():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_selector_env(monkeypatch):
+def test_selector_runs_the_named_kernel(monkeypatch):
     calls = []
     monkeypatch.setattr(attn, "reference", lambda *a, **kw: calls.append("reference"))
     monkeypatch.setattr(attn, "fused", lambda *a, **kw: calls.append("fused"))
     q, k, v = _qkv((3, 1), 2, 2, torch.float32)
-    monkeypatch.delenv(attn.ENV_VAR, raising=False)
     attn.attention(q, k, v)
-    monkeypatch.setenv(attn.ENV_VAR, "reference")
-    attn.attention(q, k, v)
+    attn.attention(q, k, v, kernel="reference")
     assert calls == ["fused", "reference"]
-    monkeypatch.setenv(attn.ENV_VAR, "bogus")
-    with pytest.raises(ValueError, match=attn.ENV_VAR):
-        attn.attention(q, k, v)
+    with pytest.raises(ValueError, match="attention kernel"):
+        attn.attention(q, k, v, kernel="bogus")
 
 
 def test_bad_inputs_raise():

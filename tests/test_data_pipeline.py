@@ -73,9 +73,42 @@ def test_lazy_and_streaming_match_eager(tokenizer):
     lazy, _, _ = build_datasets(DataArgs(dataset=[alpaca], lazy_tokenize=True), tokenizer)
     assert [lazy[i]["input_ids"] for i in range(len(lazy))] == eager["input_ids"]
     stream, _, _ = build_datasets(DataArgs(dataset=[str(fetch_llamafactory_data() / "alpaca_en_demo.json")],
-                                           streaming=True), tokenizer)
+                                           streaming=True, dataset_shuffle=False), tokenizer)
     full, _, _ = build_datasets(DataArgs(dataset=[str(fetch_llamafactory_data() / "alpaca_en_demo.json")]), tokenizer)
     assert [r["input_ids"] for _, r in zip(range(30), stream)] == full["input_ids"][:30]
+
+
+def test_streams_shuffled_through_a_buffer_reseeded_per_epoch(tokenizer):
+    """--dataset_shuffle (default true) passes a stream through a --shuffle_buffer_size buffer,
+    seeded by --data_seed and re-seeded per pass by set_epoch; #N takes a stream's first N rows."""
+    alpaca = str(fetch_llamafactory_data() / "alpaca_en_demo.json") + "#40"
+    full, _, _ = build_datasets(DataArgs(dataset=[alpaca], dataset_shuffle=False), tokenizer)
+
+    def read(epoch=0, **kw):
+        stream, _, _ = build_datasets(DataArgs(dataset=[alpaca], streaming=True, shuffle_buffer_size=16, **kw),
+                                      tokenizer)
+        stream.set_epoch(epoch)
+        return [r["input_ids"] for r in stream]
+
+    first = read()
+    assert first == read() and first != full["input_ids"]  # deterministic, shuffled
+    assert sorted(first) == sorted(full["input_ids"])       # the same 40 rows: the file's first 40
+    assert read(epoch=1) != first and sorted(read(epoch=1)) == sorted(first)
+    assert read(data_seed=7) != first
+    assert read(dataset_shuffle=False) == full["input_ids"]
+
+
+def test_streaming_packing_and_empty_streams(tokenizer, tmp_path):
+    c4 = str(fetch_llamafactory_data() / "c4_demo.jsonl") + "#32"
+    kw = dict(dataset=[c4], template="default", loss_scale="all", packing=True, packing_length=1024, max_length=256,
+              truncation_strategy="right", dataset_shuffle=False)
+    packed, _, stats = build_datasets(DataArgs(**kw), tokenizer)
+    stream, _, _ = build_datasets(DataArgs(**kw, streaming=True), tokenizer)
+    assert [dict(r) for r in stream] == packed.to_list() and stats.packed_rows == 7
+    bad = _write(tmp_path / "bad.jsonl", [{"query": "word " * 80, "response": "ok"}] * 3)
+    with pytest.raises(ValueError, match=r"no usable training \(streamed\) rows in .*bad.jsonl: "
+                                         r"--max_length 40 drops 3/3 rows as too long"):
+        build_datasets(DataArgs(dataset=[bad], max_length=40, streaming=True), tokenizer)
 
 
 def test_cached_dataset_export(tmp_path):

@@ -236,3 +236,41 @@ def test_missing_path_and_offline_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match="not a local path.*hub.*local file"):
         load_source("some-org/some-dataset", seed=0)
+
+
+def test_sampling_in_order_and_streams_take_first_rows(tmp_path):
+    f = str(write_jsonl(tmp_path / "a.jsonl", [{"text": f"row {i}"} for i in range(20)]))
+    assert load_source(f + "#5", seed=1, shuffle=False)["__row__"] == [0, 1, 2, 3, 4]
+    assert load_source(f + "#45", seed=1, shuffle=False)["__row__"] == list(range(20)) * 2 + [0, 1, 2, 3, 4]
+    ds, _ = load_sources([f + "#5"], seed=1, streaming=True)  # ms-swift: streams are sampled in order
+    assert [r["__row__"] for r in ds] == [0, 1, 2, 3, 4]
+
+
+def test_non_objects_non_utf8_and_empty_files(tmp_path):
+    (tmp_path / "ints.json").write_text("[1, 2, 3]")  # Arrow would read a `text` column
+    with pytest.raises(RowError, match=r"ints.json row 0: wrong type \(a row must be a JSON object, got int\)"):
+        load_sources([str(tmp_path / "ints.json")], seed=0, strict=True)
+    with pytest.raises(ValueError, match=r"ints.json: no usable rows: 3/3 rows dropped as wrong type"):
+        load_sources([str(tmp_path / "ints.json")], seed=0)
+    good = json.dumps(FORMS["alpaca"]).encode()
+    bad = json.dumps({"query": "caf\u00e9", "response": "x"}, ensure_ascii=False).encode("latin-1")
+    (tmp_path / "l.jsonl").write_bytes(good + b"\n" + bad + b"\n" + good + b"\n")
+    (tmp_path / "l.json").write_bytes(b"[" + good + b", " + bad + b"]")
+    for name, where in (("l.jsonl", r"row 1 \(line 2\)"), ("l.json", "row 1")):
+        with pytest.raises(RowError, match=rf"{name} {where}: invalid UTF-8"):
+            load_sources([str(tmp_path / name)], seed=0, strict=True)
+        for streaming in (False, True):
+            ds, counts = load_sources([str(tmp_path / name)], seed=0, streaming=streaming)
+            assert canon(ds) == [CANON] * (2 if name == "l.jsonl" else 1) and counts == Counter({"invalid UTF-8": 1})
+    (tmp_path / "t.txt").write_bytes(b"fine\nw\xe9rld\n")
+    with pytest.raises(ValueError, match=r"t.txt line 2: invalid UTF-8 \(byte 0xe9 at column 2\)"):
+        load_sources([str(tmp_path / "t.txt")], seed=0)
+    d = tmp_path / "dir"
+    d.mkdir()
+    (d / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="all 1 data files in it are empty"):
+        load_sources([str(d)], seed=0)
+    write_jsonl(d / "b.jsonl", [FORMS["alpaca"]])
+    assert canon(load_sources([str(d)], seed=0)[0]) == [CANON]  # the empty file is skipped
+    with pytest.raises(ValueError, match=r"empty.jsonl has no rows \(it is empty\)"):
+        load_sources([str(d / "empty.jsonl")], seed=0, streaming=True)

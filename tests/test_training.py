@@ -6,7 +6,6 @@ float32 on LLaMA-Factory's alpaca demo data.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -18,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import precision_figures, run_megatron
+from conftest import logged, ok, precision_figures, run_megatron
 from megaswift.assets import fetch_llamafactory_data, fetch_smollm2
 from tiny_models import make_tiny_model
 
@@ -42,13 +41,7 @@ def _sft_args(model_dir, dataset, save, iters=ITERS, *extra):
             "--lr", "1e-4", "--max_length", "512", "--add_version", "false", *extra]
 
 
-def _losses(save: Path, key: str = "loss") -> dict[int, float]:
-    out = {}
-    for line in (save / "logging.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if key in rec:
-            out[rec["iteration"]] = rec[key]
-    return out
+_losses = logged
 
 
 def _assert_parity(got: Path, ref: dict[str, dict[int, float]]) -> None:
@@ -60,9 +53,7 @@ def _assert_parity(got: Path, ref: dict[str, dict[int, float]]) -> None:
             assert abs(have[it] - w) / abs(w) <= RTOL, f"{key} at iteration {it}: {have[it]} vs {w}"
 
 
-def _ok(proc):
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+_ok = ok
 
 
 @pytest.fixture(scope="module")

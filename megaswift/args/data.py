@@ -28,8 +28,11 @@ class DataArgs:
     loss_scale: str = field(default="default", metadata={"help": "Which tokens are trained.", "choices": LOSS_SCALES})
     max_length: Optional[int] = field(default=None, metadata={"help": "Longest tokenised sample."})
     truncation_strategy: str = field(default="delete", metadata={"help": "What to do with longer samples.", "choices": TRUNCATION})
+    dataset_shuffle: bool = field(default=True, metadata={"help": "Shuffle the dataset: `#N` samples at random (false: the first N rows) and streams pass through a --shuffle_buffer_size buffer, re-seeded every epoch (false: read in order)."})
+    shuffle_buffer_size: int = field(default=1000, metadata={"help": "Rows in the shuffle buffer of a --streaming dataset."})
+    train_dataloader_shuffle: bool = field(default=True, metadata={"help": "Visit the (non-streaming) training rows in a new seeded order every epoch (false: in order). Streams are always read in order."})
     lazy_tokenize: bool = field(default=False, metadata={"help": "Tokenise on access instead of ahead of training."})
-    streaming: bool = field(default=False, metadata={"help": "Read sources as a stream without materialising them."})
+    streaming: bool = field(default=False, metadata={"help": "Read and tokenise sources as a stream while training (needs --train_iters; --max_epochs N stops after N passes). Combines with --packing (packed on the fly)."})
     padding_free: bool = field(default=True, metadata={"help": "Concatenate a micro-batch's samples (THD, cu_seqlens) instead of padding."})
     packing: bool = field(default=False, metadata={"help": "Bin-pack samples into sequences of --packing_length tokens."})
     packing_length: Optional[int] = field(default=None, metadata={"help": "Packed sequence length (default --max_length)."})
@@ -52,10 +55,13 @@ class DataArgs:
             raise ValueError(f"--max_length {self.max_length} is too small")
         if self.dataset_num_proc < 1:
             raise ValueError(f"--dataset_num_proc must be >= 1, got {self.dataset_num_proc}")
-        if self.streaming and self.packing:
-            raise ValueError("--streaming true cannot be combined with --packing true (packing needs "
-                             "every length up front); tokenise once with `megatron export "
-                             "--to_cached_dataset true --packing true` instead")
+        if self.shuffle_buffer_size < 1:
+            raise ValueError(f"--shuffle_buffer_size must be >= 1, got {self.shuffle_buffer_size}")
+        if self.lazy_tokenize and self.packing:
+            raise ValueError("--lazy_tokenize true cannot be combined with --packing true: packing needs every "
+                             "sample's length up front (--streaming true --packing true packs on the fly)")
+        if self.cached_dataset and (self.streaming or self.lazy_tokenize):
+            raise ValueError("--cached_dataset is tokenised already: drop --streaming/--lazy_tokenize")
 
     @property
     def column_map(self) -> dict[str, str]:

@@ -97,15 +97,23 @@ class ParallelArgs:
         if first is not None or last is not None:
             self._validate_uneven(num_layers, pp, vpp, first, last)
             return
+        if pp * vpp <= num_layers and num_layers % (pp * vpp) == 0:
+            return
+        # the sizes that work, so the fix is in the message (or uneven first/last stages)
+        sizes = [str(p) for p in range(1, num_layers + 1) if num_layers % (p * vpp) == 0]
+        fix = (f"use --pipeline_model_parallel_size {', '.join(sizes[:-1])} or {sizes[-1]}" if len(sizes) > 1
+               else f"use --pipeline_model_parallel_size {sizes[0]}" if sizes
+               else "lower --virtual_pipeline_model_parallel_size")
+        fix += f" (with {vpp} virtual stages)" if vpp > 1 and sizes else ""
         if pp * vpp > num_layers:
             raise LayoutError(
                 f"--pipeline_model_parallel_size {pp} x virtual stages {vpp} exceeds the "
-                f"model's {num_layers} layers")
-        if num_layers % (pp * vpp):
-            raise LayoutError(
-                f"num_layers {num_layers} is not divisible by --pipeline_model_parallel_size {pp}"
-                + (f" x --virtual_pipeline_model_parallel_size {vpp}" if vpp > 1 else "")
-                + "; pick sizes that divide it")
+                f"model's {num_layers} layers; {fix}")
+        raise LayoutError(
+            f"num_layers {num_layers} is not divisible by --pipeline_model_parallel_size {pp}"
+            + (f" x --virtual_pipeline_model_parallel_size {vpp}" if vpp > 1 else "")
+            + f"; {fix}" + (", or uneven stages with --decoder_first_pipeline_num_layers / "
+                            "--decoder_last_pipeline_num_layers" if vpp == 1 else ""))
 
     def validate_sequence_budget(self, max_length: Optional[int]) -> None:
         """Context parallel cuts every sequence into 2 x CP chunks (and sequence parallel each

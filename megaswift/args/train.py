@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -69,6 +70,10 @@ class TrainArgs:
     def __post_init__(self) -> None:
         if self.train_iters is None and self.max_epochs is None:
             raise ValueError("pass --train_iters N or --max_epochs N")
+        if self.train_iters is not None and self.train_iters < 1:
+            raise ValueError(f"--train_iters {self.train_iters} must be >= 1")
+        if not math.isfinite(self.lr) or self.lr < 0:  # nan would train nothing, silently
+            raise ValueError(f"--lr {self.lr} must be a finite number >= 0")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"--global_batch_size {self.global_batch_size} is not a multiple of "
                              f"--micro_batch_size {self.micro_batch_size}")

@@ -18,6 +18,7 @@ from megaswift.args.data import DataArgs
 from megaswift.args.export import ExportArgs
 from megaswift.args.parallel import LayoutError, ParallelArgs
 from megaswift.args.parser import parse
+from megaswift.args.runtime import RuntimeArgs
 from megaswift.checkpointing import ARGS, HF_CONFIG, load_models, read_args, save_models
 from megaswift.converters.convert import export_hf_tensors, load_hf_weights
 from megaswift.converters.hf_io import HFReader, ShardedWriter, finish_shards, parse_size
@@ -25,17 +26,21 @@ from megaswift.logging_utils import log
 from megaswift.model.config import num_kv_heads
 from megaswift.model.hf import (HFModel, config_dtype, copy_side_files, dtype_name, load_hf_config,
                                 parse_dtype, resolve_model_dir)
+from megaswift.runtime.context import resolve as resolve_runtime
 from megaswift.runtime.distributed import destroy_distributed, init_distributed, is_rank0
+from megaswift.runtime.save_dir import check_save
 
 
 def run(argv: list[str]) -> int:
-    args, parallel, data = parse((ExportArgs, ParallelArgs, DataArgs), argv, prog="megatron export")
+    args, parallel, data, runtime = parse((ExportArgs, ParallelArgs, DataArgs, RuntimeArgs), argv,
+                                          prog="megatron export")
     if parallel.context_parallel_size > 1:
         raise LayoutError(
             f"--context_parallel_size {parallel.context_parallel_size}: conversion does not split "
             "sequences and every context-parallel rank holds the same weights; export with "
             "--context_parallel_size 1 (checkpoints trained at any CP size load)")
-    out = Path(args.save).expanduser().resolve()
+    # before any work: --save must not be, hold or sit inside the input (--overwrite deletes it)
+    out = check_save(args.save, {"--model": args.model, "--load": args.load}, staged=True)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--save {out} already exists; remove it, choose another "
                               "directory, or pass --overwrite true")
@@ -49,7 +54,7 @@ def run(argv: list[str]) -> int:
                                 parallel.tensor_model_parallel_size, record.get("padded_vocab_size"))
     dtype = parse_dtype(args.torch_dtype, parse_dtype(record.get("torch_dtype"), config_dtype(hf_config)))
     reader = HFReader(src) if args.to_mcore else None   # reads headers now: a corrupt file fails here
-    init_distributed(parallel)
+    init_distributed(parallel, resolve_runtime(runtime.transformer_impl, runtime.attention_backend))
     stage = _staging_dir(out)
     try:
         ok = _convert(args, parallel, src, model, dtype, reader, stage, record)

@@ -32,7 +32,7 @@ logger = logging.getLogger("megaswift.data")
 AnyDataset = Union[datasets.Dataset, datasets.IterableDataset]
 
 REASONS = ("unknown format", "missing field", "wrong type", "empty assistant turn",
-           "no assistant turn", "invalid JSON")
+           "no assistant turn", "invalid JSON", "invalid UTF-8")
 CANONICAL_COLUMNS = ("messages", "rejected_response", "tools", "__source__", "__row__")
 CANONICAL_FEATURES = datasets.Features({
     "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
@@ -270,6 +270,8 @@ def normalize(row: dict) -> dict:
     """Normalise one raw row to the canonical form; raise RowError (naming source/row) if bad."""
     source, index, line = row.get("__source__"), row.get("__row__"), row.get("__line__")
     try:
+        if row.get("__error__") is not None:  # a row the loader could not parse (sources.py)
+            raise RowError(*json.loads(row["__error__"]))
         data = _decode(row) if row.get("__json__") is not None else row
         messages, rejected = _build(data)
         if not any(m["role"] == "assistant" for m in messages):
@@ -353,6 +355,8 @@ def normalize_dataset(ds: AnyDataset, *, strict: bool, num_proc: int = 1,
         out = out.select_columns(list(_FLAGGED_FEATURES))
         out = out.map(_raise_flagged) if strict else out.filter(_StreamDropCounter(counts))
         return out.select_columns(list(CANONICAL_COLUMNS)), counts
+    if len(ds) == 0:
+        return datasets.Dataset.from_dict({c: [] for c in CANONICAL_COLUMNS}, features=CANONICAL_FEATURES), counts
     keep = {"__source__", "__row__"}
     out = ds.map(_normalize_flagged, remove_columns=[c for c in ds.column_names if c not in keep],
                  features=_FLAGGED_FEATURES, fn_kwargs={"code_version": _CODE_VERSION},
@@ -366,6 +370,12 @@ def normalize_dataset(ds: AnyDataset, *, strict: bool, num_proc: int = 1,
         for r in bad.select(["__source__", "__reason__"]).to_pylist():
             by_source.setdefault(r["__source__"], Counter())[r["__reason__"]] += 1
             counts[r["__reason__"]] += 1
+        first = _StreamDropCounter.LOG_FIRST
+        for r in bad.slice(0, first).to_pylist():  # the first few by file, row and line
+            try:
+                _raise_flagged(r)
+            except RowError as e:
+                logger.warning("dropped %s", e)
         _summarize(by_source)
         out = out.filter(lambda reasons: [r is None for r in reasons], input_columns="__reason__",
                          batched=True, num_proc=None)

@@ -8,14 +8,23 @@ sample are closed, which keeps the list short.
 
 A packed row concatenates its samples' ``input_ids`` and (unshifted) ``labels`` and records the
 boundaries in ``lengths``; the collator turns them into separate THD segments.
+
+Streams (``--streaming true --packing true``) are packed on the fly by :func:`pack_stream`: the
+same best-fit decreasing over a window of ``window`` samples (ms-swift's ``packing_interval``,
+128) plus the samples of the previous window's emptiest bin, which is carried over instead of
+being emitted half full (the end of the stream flushes every bin). Memory stays bounded and the
+output is a pure function of the stream, so a resumed run re-creates the same rows. A window
+holding the whole stream gives exactly :func:`pack_rows`.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
-__all__ = ["pack", "pack_rows", "efficiency"]
+__all__ = ["pack", "pack_rows", "pack_stream", "efficiency", "STREAM_WINDOW"]
+
+STREAM_WINDOW = 128  # samples packed together on the fly (ms-swift's packing_interval)
 
 
 def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -53,27 +62,53 @@ def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
+def _packed_row(rows: Sequence[dict], indices: Sequence[int]) -> dict:
+    ids: list[int] = []
+    labels: list[int] = []
+    lengths: list[int] = []
+    for i in indices:
+        row = rows[i]
+        if len(row["labels"]) != len(row["input_ids"]):
+            raise ValueError(f"row {i}: {len(row['input_ids'])} input_ids but "
+                             f"{len(row['labels'])} labels")
+        ids.extend(row["input_ids"])
+        labels.extend(row["labels"])
+        lengths.extend(row.get("lengths") or [len(row["input_ids"])])
+    return {"input_ids": ids, "labels": labels, "lengths": lengths}
+
+
 def pack_rows(rows: Sequence[dict], capacity: int) -> list[dict]:
     """Packed rows ``{"input_ids", "labels", "lengths"}`` from tokenised rows.
 
     Rows that are already packed contribute their own ``lengths`` (sample boundaries are kept).
     """
-    bins = pack([len(r["input_ids"]) for r in rows], capacity)
-    out = []
-    for b in bins:
-        ids: list[int] = []
-        labels: list[int] = []
-        lengths: list[int] = []
-        for i in b:
-            row = rows[i]
-            if len(row["labels"]) != len(row["input_ids"]):
-                raise ValueError(f"row {i}: {len(row['input_ids'])} input_ids but "
-                                 f"{len(row['labels'])} labels")
-            ids.extend(row["input_ids"])
-            labels.extend(row["labels"])
-            lengths.extend(row.get("lengths") or [len(row["input_ids"])])
-        out.append({"input_ids": ids, "labels": labels, "lengths": lengths})
-    return out
+    return [_packed_row(rows, b) for b in pack([len(r["input_ids"]) for r in rows], capacity)]
+
+
+def pack_stream(rows: Iterable[dict], capacity: int, window: int = STREAM_WINDOW) -> Iterator[dict]:
+    """Packed rows, as :func:`pack_rows` makes them, from a stream of tokenised rows.
+
+    Every ``window`` new rows, the rows at hand are packed; every bin but the emptiest (ties: the
+    newest) is emitted, in creation order, and the emptiest bin's rows wait for the next window.
+    The rows left when the stream ends are packed and emitted. Deterministic.
+    """
+    if window < 1:
+        raise ValueError(f"packing window must be >= 1, got {window}")
+    buf: list[dict] = []
+    fresh = 0
+    for row in rows:
+        buf.append(row)
+        fresh += 1
+        if fresh < window:
+            continue
+        bins = pack([len(r["input_ids"]) for r in buf], capacity)
+        fill = [sum(len(buf[i]["input_ids"]) for i in b) for b in bins]
+        keep = min(range(len(bins)), key=lambda k: (fill[k], -k))  # emptiest, newest among equals
+        for k, b in enumerate(bins):
+            if k != keep:
+                yield _packed_row(buf, b)
+        buf, fresh = [buf[i] for i in bins[keep]], 0
+    yield from pack_rows(buf, capacity)
 
 
 def efficiency(bins_or_rows: Sequence, capacity: int, lengths: Sequence[int] | None = None) -> float:

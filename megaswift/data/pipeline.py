@@ -6,8 +6,13 @@
     packing.pack_rows     -> --packing: bins of --packing_length tokens, sample boundaries kept
 
 Tokenisation runs ahead in `--dataset_num_proc` processes (datasets' progress bar), lazily on
-access with `--lazy_tokenize true`, or as a stream with `--streaming true`. Every dropped or
-truncated row is counted in `DataStats`, which `--to_cached_dataset` writes as stats.json.
+access with `--lazy_tokenize true` (rows dropped then come back as None), or as a stream with
+`--streaming true`: the canonical rows pass a `--shuffle_buffer_size` shuffle buffer (ms-swift's
+`--dataset_shuffle`, seeded by `--data_seed`, re-seeded per epoch by `set_epoch`), are tokenised
+as they are read and, with `--packing true`, packed on the fly (`PackedStream`). Every dropped
+or truncated row is counted in `DataStats`, which `--to_cached_dataset` writes as stats.json
+(streams count while they are read). A training set left without rows is an error naming the
+reasons, e.g. `--max_length 256 drops 40/40 rows as too long`.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import torch
 
 from megaswift.args.data import DataArgs
 from megaswift.data.formats import RowError
-from megaswift.data.packing import efficiency, pack_rows
-from megaswift.data.sources import load_sources, split
+from megaswift.data.packing import efficiency, pack_rows, pack_stream
+from megaswift.data.sources import drop_summary, load_sources, split
 from megaswift.data.template import IGNORE_INDEX, Template
 
 logger = logging.getLogger("megaswift.data")
@@ -101,8 +106,11 @@ def encode_rows(batch: dict[str, list], *, template: Template, max_length: Optio
 class LazyTokenized(torch.utils.data.Dataset):
     """`--lazy_tokenize true`: canonical rows encoded on access; dropped rows come back as None."""
 
+    LOG_FIRST = 10
+
     def __init__(self, rows: datasets.Dataset, template: Template, data: DataArgs):
         self.rows, self.template, self.data = rows, template, data
+        self.dropped: Counter = Counter()  # rows dropped on access in this process, by reason
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -112,8 +120,47 @@ class LazyTokenized(torch.utils.data.Dataset):
         out = encode_rows(batch, template=self.template, max_length=self.data.max_length,
                           truncation_strategy=self.data.truncation_strategy, strict=self.data.strict)
         if out["__drop__"][0]:
+            reason = out["__drop__"][0]
+            self.dropped[reason] += 1
+            if sum(self.dropped.values()) <= self.LOG_FIRST:
+                logger.warning("--lazy_tokenize: dropped %s row %s: %s (--max_length %s)%s",
+                               batch.get("__source__", ["?"])[0], batch.get("__row__", ["?"])[0], reason,
+                               self.data.max_length,
+                               "; further drops are not logged" if sum(self.dropped.values()) == self.LOG_FIRST else "")
             return None
         return {k: out[k][0] for k in _KEEP if out[k][0] is not None}
+
+
+class _DropCounter:
+    """Stream filter: keeps rows that were not flagged by encode_rows, counts the others."""
+
+    def __init__(self, counts: dict):
+        self.counts = counts
+
+    def __call__(self, row: dict) -> bool:
+        if not row["__drop__"]:
+            return True
+        self.counts[row["__drop__"]] = self.counts.get(row["__drop__"], 0) + 1
+        return False
+
+
+class PackedStream:
+    """`--streaming true --packing true`: a tokenised stream packed on the fly into rows of
+    `capacity` tokens (`packing.pack_stream`), re-created identically on every pass."""
+
+    def __init__(self, rows: datasets.IterableDataset, capacity: int):
+        self.rows, self.capacity = rows, capacity
+
+    def set_epoch(self, epoch: int) -> None:
+        self.rows.set_epoch(epoch)
+
+    def __iter__(self):
+        return pack_stream(iter(self.rows), self.capacity)
+
+
+def is_stream(ds) -> bool:
+    """True for `--streaming` datasets: no length, read in order."""
+    return isinstance(ds, (datasets.IterableDataset, PackedStream))
 
 
 def tokenize(rows, template: Template, data: DataArgs, stats: DataStats):
@@ -125,7 +172,7 @@ def tokenize(rows, template: Template, data: DataArgs, stats: DataStats):
                              truncation_strategy=data.truncation_strategy, strict=data.strict))
     if isinstance(rows, datasets.IterableDataset):
         mapped = rows.map(encode_rows, **kw)
-        return mapped.filter(lambda r: not r["__drop__"]).remove_columns(["__drop__", "__truncated__"])
+        return mapped.filter(_DropCounter(stats.dropped)).remove_columns(["__drop__", "__truncated__"])
     t0 = time.time()
     mapped = rows.map(encode_rows, num_proc=data.dataset_num_proc if len(rows) > 1 else None,
                       desc="Tokenizing", **kw)
@@ -157,34 +204,65 @@ def pack_dataset(ds: datasets.Dataset, capacity: int, stats: DataStats) -> datas
     return datasets.Dataset.from_list(rows)
 
 
+def _no_rows(what: str, specs: list[str], dropped: dict, data: DataArgs) -> ValueError:
+    summary = drop_summary(dropped, sum(dropped.values()), data.max_length, data.truncation_strategy)
+    return ValueError(f"no usable {what} rows in {' '.join(specs)}: {summary}")
+
+
+def _first_row(stream, what: str, specs: list[str], counts: list[dict], data: DataArgs) -> None:
+    """Read a stream up to its first usable row: a stream without one fails now, before training."""
+    for _ in stream:
+        return
+    dropped = Counter()
+    for c in counts:
+        dropped.update(c)
+    raise _no_rows(f"{what} (streamed)", specs, dropped, data)
+
+
 def build_datasets(data: DataArgs, tokenizer) -> tuple[Any, Any, DataStats]:
-    """(train, val or None, stats) ready for batching, from the data flags and a tokenizer."""
+    """(train, val or None, stats) ready for batching, from the data flags and a tokenizer.
+
+    train/val are `datasets.Dataset`s (tokenised ahead, optionally packed), `LazyTokenized`
+    (`--lazy_tokenize`) or streams (`--streaming`: an IterableDataset, or a `PackedStream`).
+    """
     if not data.dataset:
         raise ValueError("--dataset is required (one or more files, directories or hub ids)")
     template = Template(tokenizer, data.template, data.system, data.loss_scale)
     if data.packing and (data.max_length is None or data.max_length > data.resolved_packing_length):
         # a sample longer than a packed row cannot be packed: truncate to the row length
         data = dataclasses.replace(data, max_length=data.resolved_packing_length)
-    stats = DataStats()
+    stats, val_stats = DataStats(), DataStats()
     kw = dict(seed=data.data_seed, columns=data.column_map, streaming=data.streaming,
-              strict=data.strict, num_proc=data.dataset_num_proc)
+              strict=data.strict, num_proc=data.dataset_num_proc, shuffle=data.dataset_shuffle)
     train_rows, dropped = load_sources(data.dataset, **kw)
+    val_dropped: Counter = Counter()
     if data.val_dataset:
         val_rows, val_dropped = load_sources(data.val_dataset, **kw)
-        dropped.update(val_dropped)
     else:
         train_rows, val_rows = split(train_rows, data.split_dataset_ratio, data.data_seed)
+    if isinstance(train_rows, datasets.IterableDataset) and data.dataset_shuffle:
+        train_rows = train_rows.shuffle(seed=data.data_seed, buffer_size=data.shuffle_buffer_size)
     stats.dropped.update(dropped)
+    val_stats.dropped.update(val_dropped)
     train = tokenize(train_rows, template, data, stats)
-    val, val_stats = None, DataStats()
+    val = None
     if val_rows is not None:
         val = tokenize(val_rows, template, data, val_stats)
+    for ds, what, specs, st, counts in ((train, "training", data.dataset, stats, dropped),
+                                       (val, "validation", data.val_dataset or data.dataset, val_stats, val_dropped)):
+        if isinstance(ds, datasets.Dataset) and len(ds) == 0:
+            raise _no_rows(what, specs, st.dropped, data)
+        if isinstance(ds, datasets.IterableDataset):
+            _first_row(ds, what, specs, [counts, st.dropped], data)
     if data.packing:
-        if not isinstance(train, datasets.Dataset):
-            raise ValueError("--packing true needs tokenisation ahead of time: drop --lazy_tokenize/--streaming")
-        train = pack_dataset(train, data.resolved_packing_length, stats)
-        if val is not None:
-            val = pack_dataset(val, data.resolved_packing_length, val_stats)
+        capacity = data.resolved_packing_length
+        if isinstance(train, datasets.IterableDataset):
+            train = PackedStream(train, capacity)
+            val = PackedStream(val, capacity) if val is not None else None
+        else:
+            train = pack_dataset(train, capacity, stats)
+            if val is not None:
+                val = pack_dataset(val, capacity, val_stats)
     if val is not None:
         stats.val = val_stats.as_json()
     return train, val, stats

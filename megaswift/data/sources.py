@@ -3,7 +3,14 @@
 A source spec is a local ``.jsonl``/``.json``/``.csv``/``.parquet``/``.txt`` file, a directory
 of such files (all of them, sorted, recursively), a ``Dataset.save_to_disk`` directory or a hub
 id ``org/name`` (optionally ``org/name:subset``). A ``#N`` suffix samples N rows (seeded;
-when N exceeds the rows, the whole dataset is repeated and the remainder sampled, as ms-swift).
+when N exceeds the rows, the whole dataset is repeated and the remainder sampled, as ms-swift;
+in order with ``--dataset_shuffle false``, and always in order for streams).
+
+A file with no rows is an error naming it (skipped with a warning inside a directory). JSON
+input that Arrow cannot load as a table (bad lines, bytes that are not UTF-8, an array of
+non-objects such as ``[1, 2]``) is read row by row: each bad row becomes a counted "invalid
+JSON" / "invalid UTF-8" / "wrong type" row (an error naming file, row and line with
+``--strict true``) instead of failing the file or being taken as text.
 
 Every loaded dataset carries ``__source__`` (the file) and ``__row__`` (0-based row within it)
 so later errors can name the row. ``load_sources`` normalises each source to the canonical
@@ -33,7 +40,8 @@ SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parqu
 _META_FILES = {"dataset_info.json", "state.json", "dataset_dict.json"}
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(:[\w.-]+)?")
 
-__all__ = ["load_source", "load_sources", "load_train_val", "sample", "split", "parse_spec", "RowError"]
+__all__ = ["load_source", "load_sources", "load_train_val", "sample", "split", "parse_spec", "drop_summary",
+           "RowError"]
 
 
 def parse_spec(spec: str) -> tuple[str, Optional[int]]:
@@ -62,46 +70,150 @@ def _bookkeep(ds: datasets.Dataset, source: str) -> datasets.Dataset:
     return ds.add_column("__source__", [source] * n).add_column("__row__", list(range(n)))
 
 
-def _json_rows(path: Path) -> Iterator[tuple[Optional[int], object, bool]]:
-    """Yield (line number or None, parsed object or raw line, parsed ok) for a .json/.jsonl file."""
-    text = path.read_text(encoding="utf-8")
+def _utf8_error(e: UnicodeDecodeError) -> tuple[str, str]:
+    return "invalid UTF-8", f"byte 0x{e.object[e.start]:02x} at column {e.start + 1}"
+
+
+def _has_bad_utf8(obj: object) -> bool:
+    """True when text decoded with ``surrogateescape`` kept undecodable bytes somewhere in ``obj``."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _json_rows(path: Path) -> Iterator[tuple[Optional[int], object, Optional[tuple[str, str]]]]:
+    """Yield (line number or None, parsed object or raw line, None or (reason, detail)) for a
+    .json/.jsonl file. A .json file holding one JSON document (array or object) is parsed whole;
+    anything else is read as JSON lines, one at a time. Bytes that are not UTF-8 make their row
+    (line, or array element) an "invalid UTF-8" row instead of failing the file.
+    """
     if path.suffix == ".json":
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = data.decode("utf-8", errors="surrogateescape")
         try:
             obj = json.loads(text)
-            yield from ((None, o, True) for o in (obj if isinstance(obj, list) else [obj]))
-            return
         except json.JSONDecodeError:
-            pass  # JSON lines in a .json file
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
+            obj = None  # JSON lines in a .json file
+        else:
+            for o in (obj if isinstance(obj, list) else [obj]):
+                if _has_bad_utf8(o):
+                    yield None, None, ("invalid UTF-8", "the row holds bytes that are not UTF-8")
+                else:
+                    yield None, o, None
+            return
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
             try:
-                yield n, json.loads(line), True
-            except json.JSONDecodeError:
-                yield n, line, False
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield n, None, _utf8_error(e)
+                continue
+            if line.strip():
+                try:
+                    yield n, json.loads(line), None
+                except json.JSONDecodeError as e:
+                    yield n, line.rstrip("\r\n"), ("invalid JSON", e.msg)
+
+
+def _bad_row(obj: object, line: Optional[int], error: Optional[tuple[str, str]]) -> dict:
+    """A row that normalisation will reject (or decode): kept as JSON text or an error."""
+    if error is not None:
+        return {"__json__": None, "__line__": line, "__error__": json.dumps(list(error))}
+    return {"__json__": json.dumps(obj, ensure_ascii=False), "__line__": line, "__error__": None}
 
 
 def _json_fallback(path: Path, columns: dict[str, str]) -> datasets.Dataset:
-    """Rows of a JSON file that Arrow cannot load (bad lines, mixed types) kept as JSON text.
-
-    formats.normalize decodes ``__json__``; undecodable lines become "invalid JSON" rows there.
+    """Rows of a JSON file that Arrow cannot load (bad lines, mixed types, non-objects, bytes that
+    are not UTF-8) kept as JSON text, or as an ``__error__`` (reason, detail) for the rows that
+    could not be parsed. formats.normalize decodes ``__json__`` and reports ``__error__``.
     """
-    enc, lines = [], []
-    for line, obj, ok in _json_rows(path):
-        if not ok:
-            enc.append(obj)  # invalid JSON line, kept raw
-        else:
-            enc.append(json.dumps(_rename_row(obj, columns) if isinstance(obj, dict) else obj, ensure_ascii=False))
+    enc, lines, errors = [], [], []
+    for line, obj, error in _json_rows(path):
+        row = _bad_row(_rename_row(obj, columns) if isinstance(obj, dict) else obj, line, error)
+        enc.append(row["__json__"])
+        errors.append(row["__error__"])
         lines.append(line)
-    return datasets.Dataset.from_dict({"__json__": enc, "__line__": lines, "__source__": [str(path)] * len(enc),
-                                       "__row__": list(range(len(enc)))},
+    return datasets.Dataset.from_dict({"__json__": enc, "__line__": lines, "__error__": errors,
+                                       "__source__": [str(path)] * len(enc), "__row__": list(range(len(enc)))},
                                       features=datasets.Features({"__json__": datasets.Value("string"),
                                                                   "__line__": datasets.Value("int64"),
+                                                                  "__error__": datasets.Value("string"),
                                                                   "__source__": datasets.Value("string"),
                                                                   "__row__": datasets.Value("int64")}))
 
 
+def _json_array_of_non_objects(path: Path) -> bool:
+    """A .json file whose top-level array starts with something other than an object.
+
+    Arrow would load ``[1, 2]`` or ``["a", "b"]`` as a ``text`` column, i.e. as pretraining
+    text; such rows must be refused as "wrong type" instead (the tolerant path does that).
+    """
+    if path.suffix != ".json":
+        return False
+    with open(path, "rb") as fh:
+        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head.startswith(b"["):
+        return False
+    rest = head[1:].lstrip(b" \t\r\n")
+    return bool(rest) and rest[:1] not in (b"{", b"]")
+
+
+def _first_bad_utf8(path: Path) -> Optional[tuple[int, str]]:
+    """(line number, detail) of the first bytes of a text file that are not UTF-8, or None.
+
+    Arrow's JSON and CSV readers do not validate UTF-8: the bad bytes would surface later as an
+    exception far from the file. One pass of an incremental decoder finds them up front.
+    """
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines = 1
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            try:
+                decoder.decode(chunk, final=len(chunk) < 1 << 24)
+            except UnicodeDecodeError as e:
+                data, bad = e.object, e.start  # data: a partial character left from the last chunk + chunk
+                column = bad - data.rfind(b"\n", 0, bad)
+                return lines + data.count(b"\n", 0, bad), f"byte 0x{data[bad]:02x} at column {column}"
+            lines += chunk.count(b"\n")
+    return None
+
+
+def _is_empty(path: Path) -> bool:
+    """True when a data file holds no rows at all (empty, blank, ``[]``, a CSV header only)."""
+    size = path.stat().st_size
+    if size == 0:
+        return True
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows == 0
+        except Exception:  # noqa: BLE001 - not a parquet file: the loader says so
+            return False
+    if size > 1 << 20:
+        return False
+    text = path.read_bytes().decode("utf-8", errors="replace").lstrip("\ufeff").strip()
+    if path.suffix == ".csv":
+        return len(text.splitlines()) <= 1  # nothing, or a header without rows
+    return text in ("", "[]")
+
+
 def _load_file(path: Path, columns: dict[str, str]) -> datasets.Dataset:
     builder = SUFFIXES[path.suffix]
+    bad = None if builder == "parquet" else _first_bad_utf8(path)
+    if bad is not None and builder != "json":
+        raise ValueError(f"{path} line {bad[0]}: invalid UTF-8 ({bad[1]}); save the file as UTF-8")
+    if builder == "json" and (bad is not None or _json_array_of_non_objects(path)):
+        logger.info("%s: %s; reading it row by row", path,
+                    "not all of it is UTF-8" if bad is not None else "an array of non-objects")
+        return _json_fallback(path, columns)
     try:
         ds = datasets.load_dataset(builder, data_files=[str(path)], split="train")
     except Exception as e:  # noqa: BLE001 - any loader failure on JSON gets the tolerant path
@@ -121,11 +233,11 @@ def _stream_file_rows(path: Path) -> Iterator[tuple[int, dict]]:
     import pyarrow.parquet as pq
 
     if path.suffix in (".json", ".jsonl"):
-        for i, (line, obj, ok) in enumerate(_json_rows(path)):
-            if ok and isinstance(obj, dict):
+        for i, (line, obj, error) in enumerate(_json_rows(path)):
+            if error is None and isinstance(obj, dict):
                 yield i, obj
-            else:  # formats.normalize reports it (invalid JSON / wrong type)
-                yield i, {"__json__": obj if not ok else json.dumps(obj), "__line__": line}
+            else:  # formats.normalize reports it (invalid JSON / UTF-8, wrong type)
+                yield i, _bad_row(obj, line, error)
     elif path.suffix == ".csv":
         i = 0
         for chunk in pd.read_csv(path, chunksize=1000):
@@ -164,6 +276,21 @@ def _files(path: Path) -> list[Path]:
     return files
 
 
+def _non_empty(path: Path, files: list[Path]) -> list[Path]:
+    """The files of a source that hold rows; an empty file given by name is an error, empty files
+    in a directory are skipped with a warning (all of them empty: an error)."""
+    empty = [f for f in files if _is_empty(f)]
+    if not empty:
+        return files
+    if path.is_file():
+        raise ValueError(f"dataset file {path} has no rows (it is empty)")
+    if len(empty) == len(files):
+        raise ValueError(f"dataset directory {path} has no rows: all {len(files)} data files in it are empty")
+    for f in empty:
+        logger.warning("%s: the file is empty; skipped", f)
+    return [f for f in files if f not in empty]
+
+
 def _from_disk(path: Path) -> datasets.Dataset:
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
@@ -200,10 +327,10 @@ def _load_parts(path_str: str, columns: dict[str, str], streaming: bool) -> list
         ds = _from_disk(path)
         ds = ds.to_iterable_dataset() if streaming else ds
     elif streaming:
-        files = [str(f) for f in _files(path)]
+        files = [str(f) for f in _non_empty(path, _files(path))]
         return [datasets.IterableDataset.from_generator(_stream_files, gen_kwargs={"files": files, "columns": columns})]
     else:
-        return [_load_file(f, columns) for f in _files(path)]
+        return [_load_file(f, columns) for f in _non_empty(path, _files(path))]
     if isinstance(ds, datasets.IterableDataset):  # hub stream / saved dir as stream
         if ds.column_names is not None:
             ds = ds.rename_columns({k: v for k, v in columns.items() if k in ds.column_names and k != v})
@@ -213,18 +340,37 @@ def _load_parts(path_str: str, columns: dict[str, str], streaming: bool) -> list
     return [_bookkeep(_rename(ds, columns), path_str)]
 
 
-def sample(ds: AnyDataset, n: int, seed: int) -> AnyDataset:
+def sample(ds: AnyDataset, n: int, seed: int, shuffle: bool = True) -> AnyDataset:
     """``#N``: N rows seeded by ``seed``; without replacement when N <= rows, else the whole
-    dataset repeated N // rows times plus a random remainder (ms-swift's rule). Streams take the
-    first N rows of a seeded buffer shuffle."""
+    dataset repeated N // rows times plus a random remainder (ms-swift's rule). ``shuffle=False``
+    (``--dataset_shuffle false``) takes the rows in order instead: the first N, or the dataset
+    repeated and then its first rows. Streams are sampled in order, as in ms-swift: their first
+    N rows (a stream with fewer rows gives them all once)."""
     if isinstance(ds, datasets.IterableDataset):
-        return ds.shuffle(seed=seed, buffer_size=max(1000, min(n, 100_000))).take(n)
+        return ds.take(n)
     if len(ds) == 0:
         raise ValueError(f"cannot sample {n} rows from an empty dataset")
-    rng = np.random.RandomState(seed)
     repeat, remain = divmod(n, len(ds))
-    idx = np.concatenate([np.tile(np.arange(len(ds)), repeat), rng.permutation(len(ds))[:remain]])
+    rest = np.random.RandomState(seed).permutation(len(ds))[:remain] if shuffle else np.arange(remain)
+    idx = np.concatenate([np.tile(np.arange(len(ds)), repeat), rest])
     return ds.select(idx.tolist())
+
+
+def drop_summary(dropped: dict, total: int, max_length: Optional[int] = None,
+                 truncation_strategy: Optional[str] = None) -> str:
+    """'--max_length 256 drops 40/40 rows as too long; 2/40 rows dropped as wrong type'."""
+    parts = []
+    for reason, n in sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0])):
+        if reason == "too long":
+            parts.append(f"--max_length {max_length} drops {n}/{total} rows as too long "
+                         f"(--truncation_strategy {truncation_strategy or 'delete'})")
+        elif reason == "no trained tokens":
+            parts.append(f"{n}/{total} rows have no trained tokens left"
+                         + (f" after --truncation_strategy {truncation_strategy} to --max_length {max_length}"
+                            if max_length and truncation_strategy != "delete" else ""))
+        else:
+            parts.append(f"{n}/{total} rows dropped as {reason}")
+    return "; ".join(parts) or f"{total} rows read"
 
 
 def _concat(parts: list[AnyDataset]) -> Optional[AnyDataset]:
@@ -238,7 +384,7 @@ def _concat(parts: list[AnyDataset]) -> Optional[AnyDataset]:
 
 
 def load_source(spec: str, *, seed: int, columns: Optional[dict[str, str]] = None,
-                streaming: bool = False) -> AnyDataset:
+                streaming: bool = False, shuffle: bool = True) -> AnyDataset:
     """Load one source's raw rows (renamed by ``columns``, with ``__source__``/``__row__``).
 
     Rows are not normalised (see :func:`load_sources`); rows of a JSON file that Arrow could not
@@ -251,18 +397,19 @@ def load_source(spec: str, *, seed: int, columns: Optional[dict[str, str]] = Non
     if ds is None:
         raise ValueError(f"the files of {path} have incompatible columns; load them with load_sources, "
                          "which normalises each file first")
-    return sample(ds, n, seed) if n is not None else ds
+    return sample(ds, n, seed, shuffle) if n is not None else ds
 
 
 def load_sources(specs: list[str], *, seed: int, columns: Optional[dict[str, str]] = None,
-                 streaming: bool = False, strict: bool = False,
-                 num_proc: int = 1) -> tuple[AnyDataset, Counter]:
+                 streaming: bool = False, strict: bool = False, num_proc: int = 1,
+                 shuffle: bool = True) -> tuple[AnyDataset, Counter]:
     """Load, normalise and combine several sources; returns (dataset, dropped-rows Counter).
 
     Each source is normalised to the canonical form (strict: first bad row raises RowError;
     otherwise bad rows are dropped and counted), then ``#N``-sampled (so N counts usable rows,
-    as in ms-swift), then all are concatenated (streams are interleaved until every one is
-    exhausted, each row once).
+    as in ms-swift; ``shuffle=False`` takes them in order), then all are concatenated (streams
+    are interleaved until every one is exhausted, each row once). A source with no usable rows
+    is a ValueError naming it and the reasons its rows were dropped.
     """
     if not specs:
         raise ValueError("no dataset sources given")
@@ -271,12 +418,16 @@ def load_sources(specs: list[str], *, seed: int, columns: Optional[dict[str, str
         path, n = parse_spec(spec)
         parts = _load_parts(path, columns or {}, streaming)
         raw = _concat(parts)
-        normed = [normalize_dataset(p, strict=strict, num_proc=num_proc, counts=counts)[0]
+        # streams count their dropped rows while they are read: into the shared Counter
+        mine = counts if streaming else Counter()
+        normed = [normalize_dataset(p, strict=strict, num_proc=num_proc, counts=mine)[0]
                   for p in ([raw] if raw is not None else parts)]
         ds = normed[0] if len(normed) == 1 else datasets.concatenate_datasets(normed)
-        if not streaming and len(ds) == 0:
-            raise ValueError(f"{spec}: no usable rows (dropped: {dict(counts)})")
-        out.append(sample(ds, n, seed) if n is not None else ds)
+        if not streaming:
+            counts.update(mine)
+            if len(ds) == 0:
+                raise ValueError(f"{spec}: no usable rows: {drop_summary(mine, sum(mine.values()))}")
+        out.append(sample(ds, n, seed, shuffle) if n is not None else ds)
     if len(out) == 1:
         return out[0], counts
     if streaming:
@@ -301,7 +452,7 @@ def split(ds: AnyDataset, ratio: float, seed: int) -> tuple[AnyDataset, Optional
 def load_train_val(args: "DataArgs") -> tuple[AnyDataset, Optional[AnyDataset]]:
     """(train, val) canonical datasets for DataArgs: --dataset, --val_dataset or --split_dataset_ratio."""
     kw = dict(seed=args.data_seed, columns=args.column_map, streaming=args.streaming, strict=args.strict,
-              num_proc=args.dataset_num_proc)
+              num_proc=args.dataset_num_proc, shuffle=args.dataset_shuffle)
     train, _ = load_sources(args.dataset, **kw)
     if args.val_dataset:
         return train, load_sources(args.val_dataset, **kw)[0]

@@ -32,24 +32,22 @@ mask follows the chunks' global positions, and ``attention_mask`` (sbhd) is ``[b
 global sk]``. Outputs keep the local layout. Each rank does the same work (the two chunks of a
 causal sequence cost the same in total on every rank).
 
-``attention()`` is the selector: ``fused`` unless the environment variable
-``MEGASWIFT_ATTENTION=reference`` forces the reference.
+``attention(kernel=...)`` is the selector; which kernel runs is the runtime's decision
+(``megaswift/runtime/context.py``: ``--attention_backend``, ``MEGASWIFT_ATTENTION`` overrides).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["reference", "fused", "attention", "load_balanced_indices", "ENV_VAR"]
+__all__ = ["reference", "fused", "attention", "load_balanced_indices", "KERNELS"]
 
-#: environment variable read by :func:`attention` ("fused", the default, or "reference")
-ENV_VAR = "MEGASWIFT_ATTENTION"
+KERNELS = ("fused", "reference")
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,15 +376,12 @@ def attention(
     softmax_scale: Optional[float] = None,
     dropout_p: float = 0.0,
     cp_group=None,
+    kernel: str = "fused",
 ) -> Tensor:
-    """Core attention: :func:`fused`, or :func:`reference` when ``MEGASWIFT_ATTENTION=reference``."""
-    choice = os.environ.get(ENV_VAR, "fused").strip().lower() or "fused"
-    if choice == "fused":
-        impl = fused
-    elif choice == "reference":
-        impl = reference
-    else:
-        raise ValueError(f"{ENV_VAR} must be 'fused' or 'reference', got {choice!r}")
+    """Core attention with the named kernel: :func:`fused` (default) or :func:`reference`."""
+    if kernel not in KERNELS:
+        raise ValueError(f"attention kernel must be one of {KERNELS}, got {kernel!r}")
+    impl = fused if kernel == "fused" else reference
     return impl(
         q,
         k,

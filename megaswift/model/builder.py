@@ -13,6 +13,7 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
 from megaswift.model.rope import install_rope
 from megaswift.model.spec import block_spec
+from megaswift.runtime.context import current as current_runtime
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -46,7 +47,7 @@ def build_gpt_model(hf_config, config, *, padded_vocab: int, vp_stage: int | Non
     )
     install_rope(model, hf_config, config)
     mark_tensor_parallel_weights(model)
-    if torch.cuda.is_available():
+    if current_runtime().cuda:
         model.cuda(torch.cuda.current_device())
     return model
 

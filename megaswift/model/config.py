@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 from megaswift.args.parallel import ParallelArgs
+from megaswift.runtime.context import current as current_runtime
 
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu,
                 "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -20,6 +21,30 @@ def head_dim(hf_config) -> int:
 
 def num_kv_heads(hf_config) -> int:
     return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+
+
+def sliding_window(hf_config) -> int | None:
+    """The attention window config.json switches on (Mistral-7B-v0.1, Qwen2 with
+    `use_sliding_window`), or None."""
+    window = getattr(hf_config, "sliding_window", None)
+    if not window or getattr(hf_config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
+def check_sliding_window(hf_config, sequence_budget: int | None) -> None:
+    """Refuse a run whose sequences could exceed the model's attention window.
+
+    The core attention kernels are full causal; within the window that is the same attention,
+    beyond it the model would silently train with attention it never had.
+    """
+    window = sliding_window(hf_config)
+    if window is None or (sequence_budget is not None and sequence_budget <= window):
+        return
+    got = f"--max_length/--packing_length {sequence_budget}" if sequence_budget else "no --max_length"
+    raise ValueError(f"config.json sets sliding_window {window} and {got} lets sequences exceed it: "
+                     "megaswift's attention kernels do not implement sliding-window attention yet; "
+                     f"pass --max_length {window} or less (attention within the window is exact)")
 
 
 def transformer_config(hf_config, family, parallel: ParallelArgs, params_dtype: torch.dtype,
@@ -36,7 +61,8 @@ def transformer_config(hf_config, family, parallel: ParallelArgs, params_dtype: 
     if act not in _ACTIVATIONS:
         raise ValueError(f"hidden_act {act!r} in config.json is not supported; "
                          f"supported: {sorted(_ACTIVATIONS)}")
-    cuda = torch.cuda.is_available()
+    runtime = current_runtime()
+    cuda = runtime.cuda
     kwargs = dict(
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,
@@ -74,5 +100,9 @@ def transformer_config(hf_config, family, parallel: ParallelArgs, params_dtype: 
         num_layers_in_first_pipeline_stage=parallel.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=parallel.decoder_last_pipeline_num_layers,
     )
+    if runtime.transformer_impl == "transformer_engine":  # TE's attention honours the backend itself
+        from megatron.core.transformer.enums import AttnBackend
+
+        kwargs["attention_backend"] = AttnBackend[runtime.attention_backend]
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

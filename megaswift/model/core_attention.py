@@ -27,6 +27,7 @@ from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
 
 from megaswift.kernels.attention import attention
+from megaswift.runtime.context import current as current_runtime
 
 __all__ = ["CoreAttention"]
 
@@ -93,6 +94,7 @@ class CoreAttention(MegatronModule):
             )
 
         self.layer_number = max(1, layer_number)
+        self.kernel = current_runtime().attention_kernel  # --attention_backend, resolved at start
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
         self.cp_comm_type = cp_comm_type
@@ -180,6 +182,7 @@ class CoreAttention(MegatronModule):
                     softmax_scale=self.softmax_scale,
                     dropout_p=dropout_p,
                     cp_group=self.cp_group,
+                    kernel=self.kernel,
                 )
         if qkv_format not in (None, "sbhd"):
             raise ValueError(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from megaswift.converters import Family, family_for
+from megaswift.converters import FAMILIES, Family, family_for
 from megaswift.converters.mappings import ModelDims
 from megaswift.model.builder import padded_vocab_size
 from megaswift.model.config import head_dim, num_kv_heads
@@ -39,8 +41,22 @@ def resolve_model_dir(model: str) -> Path:
 
 
 def load_hf_config(model_dir: Path, trust_remote_code: bool = False):
+    """transformers' config, after megaswift's own look at config.json: transformers answers a
+    malformed file with a traceback and an unknown `model_type` with advice to upgrade itself."""
     from transformers import AutoConfig
 
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: pass an HF model directory (or a megaswift checkpoint)")
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({e}); re-download or fix it") from None
+    model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+    supported = sorted(t for f in FAMILIES for t in f.model_types)
+    if model_type not in supported:
+        raise ValueError(f"model_type {model_type!r} in {path} is not supported; supported model "
+                         f"types: {', '.join(supported)}")
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
 
@@ -93,4 +109,7 @@ def copy_side_files(src: Path, dst: Path) -> None:
     for f in sorted(src.iterdir()):
         if (f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.startswith(".")
                 and not f.name.endswith(".index.json")):
-            shutil.copy2(f, dst / f.name)
+            target = dst / f.name
+            if target.exists() and os.path.samefile(f, target):
+                continue  # `--load X --save X` resumes into its own directory: already there
+            shutil.copy2(f, target)

@@ -7,9 +7,6 @@ checkpoint written on a CPU laptop loads on a GPU cluster and back.
 
 from __future__ import annotations
 
-import os
-
-import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 from megatron.core.tensor_parallel import RowParallelLinear
@@ -24,27 +21,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megaswift.model.core_attention import CoreAttention
 from megaswift.model.layers import LayerNormColumnParallelLinear
 from megaswift.model.norm import RMSNorm
-
-
-def transformer_engine_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def use_transformer_engine() -> bool:
-    """TE when present with CUDA, unless `MEGASWIFT_TRANSFORMER_IMPL=local` asks otherwise."""
-    impl = os.environ.get("MEGASWIFT_TRANSFORMER_IMPL", "auto")
-    if impl not in ("auto", "local", "transformer_engine"):
-        raise ValueError(f"MEGASWIFT_TRANSFORMER_IMPL={impl!r}: use auto, local or transformer_engine")
-    if impl == "transformer_engine" and not transformer_engine_available():
-        raise RuntimeError("MEGASWIFT_TRANSFORMER_IMPL=transformer_engine needs CUDA and "
-                           "transformer-engine (pip install 'megaswift[gpu]')")
-    return impl != "local" and transformer_engine_available()
+from megaswift.runtime.context import current as current_runtime
 
 
 def local_layer_spec(qk_layernorm: bool) -> ModuleSpec:
@@ -78,7 +55,7 @@ def local_layer_spec(qk_layernorm: bool) -> ModuleSpec:
 
 def block_spec(config, num_layers_on_stage: int):
     """The decoder block spec for this pipeline stage (layer spec x layers, final norm)."""
-    if use_transformer_engine():
+    if current_runtime().transformer_impl == "transformer_engine":
         layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
         from megatron.core.extensions.transformer_engine import TENorm
 

@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 
 from megaswift.args.parallel import ParallelArgs
+from megaswift.logging_utils import log
 from megaswift.runtime import cpu_compat
+from megaswift.runtime.context import Runtime, current, set_current
 
 
 @dataclass(frozen=True)
@@ -56,15 +58,21 @@ def rank_info() -> RankInfo:
     return RankInfo(0, 1, 0)
 
 
-def init_distributed(parallel: ParallelArgs, timeout_minutes: int = 30) -> RankInfo:
-    """Start torch.distributed and megatron-core's parallel groups for `parallel`.
+def init_distributed(parallel: ParallelArgs, runtime: Runtime | None = None,
+                     timeout_minutes: int = 30) -> RankInfo:
+    """Start torch.distributed and megatron-core's parallel groups for `parallel` on `runtime`
+    (default: the defaults' resolution), which becomes the process's runtime decision.
 
     Validates the layout against the world size before any group is created, so a bad layout
     fails on every rank with the same message naming the flags.
     """
     info = rank_info()
     parallel.validate_world_size(info.world_size)
-    use_cuda = torch.cuda.is_available()
+    runtime = set_current(runtime or current())
+    use_cuda = runtime.cuda
+    if info.rank == 0:
+        for note in runtime.notes:
+            log(note)
     if use_cuda:
         torch.cuda.set_device(info.local_rank)
     else:
@@ -75,7 +83,7 @@ def init_distributed(parallel: ParallelArgs, timeout_minutes: int = 30) -> RankI
         else:
             init_method = "env://"
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
+            backend=runtime.backend,
             init_method=init_method,
             rank=info.rank,
             world_size=info.world_size,
@@ -116,7 +124,5 @@ def is_rank0() -> bool:
 
 
 def device() -> torch.device:
-    """The device this rank computes on."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """The device this rank computes on; collectives on tensors use it (NCCL needs CUDA tensors)."""
+    return current().device()

@@ -3,6 +3,8 @@
 The data position is the iteration itself (see `training/data.py`), so restoring the iteration
 restores the next batch. The distributed optimizer is saved 'dp_reshardable'. RNG states go to
 one small file per rank (`rng/rank_N.pt`, tensors only, read back with weights_only=True).
+Every read goes through `checkpointing.load_state` / `load_common` / `safe_load.torch_load`, so a
+checkpoint's pickles run no code and a damaged file is named.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import tensor_parallel
 
-from megaswift.checkpointing import model_state_dict, resolve, save_state
+from megaswift.checkpointing import load_common, load_state, model_state_dict, resolve, save_state
+from megaswift.runtime.context import current as current_runtime
+from megaswift.runtime.safe_load import torch_load
 
 _OPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
@@ -42,7 +46,7 @@ def save_training_state(root: Path, iteration: int, chunks, optimizer, scheduler
 
 
 def has_optimizer_state(root: Path) -> bool:
-    common = dist_checkpointing.load_common_state_dict(str(resolve(root)))
+    common = load_common(resolve(root))
     return bool(common.get("has_optimizer", False))
 
 
@@ -114,7 +118,7 @@ def load_training_state(root: Path, chunks, optimizer, scheduler) -> int:
     """Restore model, optimizer, schedule and RNG; returns the iteration to continue from."""
     ckpt = resolve(root)
     _allocate_optimizer_state(optimizer)
-    loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, scheduler, True, loading=True), str(ckpt))
+    loaded = load_state(_sharded_state(chunks, optimizer, scheduler, True, loading=True), ckpt)
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
     optimizer.load_state_dict(loaded["optimizer"])
@@ -122,7 +126,7 @@ def load_training_state(root: Path, chunks, optimizer, scheduler) -> int:
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
     rng_file = ckpt / "rng" / f"rank_{dist.get_rank()}.pt"
     if rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+        _set_rng_state(torch_load(rng_file, rng_file))
     return int(loaded["iteration"])
 
 
@@ -131,7 +135,7 @@ def _rng_state() -> dict:
     py = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8),
+        "cuda": torch.cuda.get_rng_state() if current_runtime().cuda else torch.empty(0, dtype=torch.uint8),
         "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
         "numpy_pos": torch.tensor([np.random.get_state()[2]]),
         "python": torch.tensor(py[1], dtype=torch.int64),
@@ -141,7 +145,7 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"].numel():
+    if current_runtime().cuda and state["cuda"].numel():
         torch.cuda.set_rng_state(state["cuda"])
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"][0]), 0, 0.0))
     random.setstate((3, tuple(int(x) for x in state["python"].tolist()), None))

@@ -14,9 +14,13 @@ from megaswift.checkpointing import load_models
 from megaswift.converters.convert import load_hf_weights
 from megaswift.converters.hf_io import HFReader
 from megaswift.data.collate import collate_padded, collate_padding_free, round_up
+from megaswift.data.pipeline import is_stream
 from megaswift.logging_utils import log
+from megaswift.runtime.context import current as current_runtime
+from megaswift.runtime.distributed import device
 from megaswift.training.checkpoint import has_optimizer_state, load_training_state, save_training_state
-from megaswift.training.data import GlobalBatchSampler, eval_batches, micro_batch_iterator, train_iters_for_epochs
+from megaswift.training.data import (EMPTY_SAMPLE, GlobalBatchSampler, IndexedBatches, StreamBatches, eval_batches,
+                                     train_iters_for_epochs)
 from megaswift.training.logger import TrainLogger
 from megaswift.training.setup import build_model, wrap_and_optimize
 from megaswift.training.step import eval_step, train_step
@@ -41,8 +45,11 @@ def fixed_shape(job, datasets=()) -> tuple[int, int] | None:
         return (length, mbs)
     cp = job.parallel.context_parallel_size
     if cp > 1:
+        if job.data.packing and any(is_stream(ds) for ds in datasets):
+            raise ValueError("--virtual_pipeline_model_parallel_size with --context_parallel_size needs the "
+                             "longest packed row up front: drop --streaming, or pack ahead of time")
         for ds in datasets:
-            if ds is not None and "lengths" in ds.column_names:
+            if ds is not None and "lengths" in (getattr(ds, "column_names", None) or ()):
                 longest = max(sum(round_up(n, 2 * cp) for n in row) for row in ds["lengths"])
                 length = max(length, round_up(longest, job.parallel.sequence_multiple))
     return (mbs * length, 1)
@@ -60,10 +67,48 @@ def _collate(job, tokenizer, fixed):
     return partial(collate_padded, pad_id=pad_id, multiple=fixed[0] if fixed else multiple)
 
 
-def _sample_lengths(ds) -> list[int]:
-    if "length" in ds.column_names:
+def _sample_lengths(ds) -> list[int] | None:
+    """Tokens per row of a dataset tokenised ahead; None when unknown until access (lazy)."""
+    columns = getattr(ds, "column_names", None)
+    if not columns:
+        return None
+    if "length" in columns:
         return list(ds["length"])
     return [len(x) for x in ds["input_ids"]]
+
+
+def _train_data(job, train_ds, dp_rank: int, dp_size: int):
+    """(steps source, iterations): `StreamBatches` for a stream, else `IndexedBatches`."""
+    t = job.train
+    if is_stream(train_ds):
+        if not t.train_iters:
+            raise ValueError("--streaming true: the number of rows is unknown, so --train_iters is required "
+                             "(with --max_epochs N training also stops after N passes over the stream)")
+        return StreamBatches(train_ds, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size,
+                             max_epochs=t.max_epochs), t.train_iters
+    sampler = GlobalBatchSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, dp_rank, dp_size,
+                                 seed=job.data.data_seed, shuffle=job.data.train_dataloader_shuffle)
+    iters = t.train_iters or train_iters_for_epochs(len(train_ds), t.global_batch_size, t.max_epochs)
+    return IndexedBatches(train_ds, sampler, _sample_lengths(train_ds)), iters
+
+
+def _real_tokens(step) -> int:
+    """Real tokens of the global batch: known on every rank, or (lazy) summed over data-parallel ranks."""
+    if step.global_tokens is not None:
+        return step.global_tokens
+    n = torch.tensor([step.local_tokens], dtype=torch.int64, device=device())
+    if parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(n, group=parallel_state.get_data_parallel_group())
+    return int(n.item())
+
+
+def _eval_rows(val_ds, t, dp_size: int):
+    """A stream's first validation rows, held as a list (the same every evaluation)."""
+    if not is_stream(val_ds):
+        return val_ds
+    from itertools import islice
+
+    return list(islice(iter(val_ds), max(t.eval_iters, 1) * t.micro_batch_size * dp_size))
 
 
 def _load_weights(job, hf, chunks) -> bool:
@@ -87,10 +132,8 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
     t = job.train
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    sampler = GlobalBatchSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, dp_rank, dp_size,
-                                 seed=job.data.data_seed)
-    iters = t.train_iters or train_iters_for_epochs(len(train_ds), t.global_batch_size, t.max_epochs)
-    if t.optimizer_cpu_offload and not torch.cuda.is_available():
+    sampler, iters = _train_data(job, train_ds, dp_rank, dp_size)
+    if t.optimizer_cpu_offload and not current_runtime().cuda:
         # the optimizer state already lives in host memory; megatron's hybrid optimizer assumes CUDA
         t = dataclasses.replace(t, optimizer_cpu_offload=False)
         log("--optimizer_cpu_offload: no GPU, the optimizer already runs on the CPU (nothing to offload)")
@@ -108,7 +151,8 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
         start = load_training_state(Path(job.model.load).expanduser(), chunks, optimizer, scheduler)
         log(f"resumed from {job.model.load} at iteration {start}")
     collate = _collate(job, tokenizer, fixed)
-    lengths = _sample_lengths(train_ds)
+    if val_ds is not None and t.eval_interval:
+        val_ds = _eval_rows(val_ds, t, dp_size)
     writer = dist.get_rank() == dist.get_world_size() - 1   # on the last stage, holds the loss
     logger = TrainLogger(save_root, t.tensorboard_dir, writer, iters)
     n_params = _count_params(chunks)
@@ -117,10 +161,18 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
     it = start
     try:
         while it < iters:
-            batches = [micro_batch_iterator(train_ds, sampler, it, collate) for _ in model]
+            step = sampler.step(it)
+            if step is None:  # a stream read --max_epochs times: stop, with a checkpoint
+                log(f"--max_epochs {t.max_epochs}: the training stream is exhausted; stopped after iteration {it}")
+                if save_root is not None and it > start and not (t.save_interval and it % t.save_interval == 0):
+                    save_training_state(save_root, it, chunks, optimizer, scheduler,
+                                        save_optim=not t.no_save_optim, save_rng=not t.no_save_rng)
+                    log(f"saved iteration {it} to {save_root}")
+                break
+            batches = [step.collated(collate) for _ in model]
             metrics = train_step(model, optimizer, scheduler, batches, sampler.num_microbatches, config)
             it += 1
-            real = sum(lengths[i] for i in sampler.global_batch(it - 1))
+            real = _real_tokens(step)
             logger.step(real)
             if it % t.log_interval == 0 or it == iters:
                 if t.log_throughput:
@@ -134,7 +186,8 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
                                     save_optim=not t.no_save_optim, save_rng=not t.no_save_rng)
                 log(f"saved iteration {it} to {save_root}")
             if should_stop:
-                log(f"SIGTERM: stopped after iteration {it} with a checkpoint")
+                log(f"{stop.get('signal') or 'SIGTERM'}: stopped after iteration {it}"
+                    + (" with a checkpoint" if save_root is not None else "; no --save, nothing saved"))
                 break
     finally:
         logger.close()
@@ -142,7 +195,7 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
 
 def _agree(flag: bool) -> bool:
     """Every rank stops at the same iteration if any rank got SIGTERM."""
-    t = torch.tensor([1 if flag else 0])
+    t = torch.tensor([1 if flag else 0], device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -154,14 +207,15 @@ def _evaluate(model, val_ds, collate, t, config, dp_rank, dp_size) -> float:
 
     def batches():
         for g in groups:
-            yield collate([val_ds[i] for i in g])
+            yield collate([s for s in (val_ds[i] for i in g) if s is not None] or [EMPTY_SAMPLE])
 
     return eval_step(model, [batches() for _ in model], len(groups), config)
 
 
 def _count_params(chunks) -> int:
     """Parameters of the whole model (summed over TP and PP ranks of this data-parallel replica)."""
-    local = torch.tensor([sum(p.numel() for c in chunks for p in c.parameters())], dtype=torch.float64)
+    local = torch.tensor([sum(p.numel() for c in chunks for p in c.parameters())], dtype=torch.float64,
+                         device=device())
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         # replicated (norm) params are counted TP times; close enough for a throughput figure
         dist.all_reduce(local, group=parallel_state.get_tensor_model_parallel_group())

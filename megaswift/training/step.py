@@ -17,6 +17,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megaswift.data.collate import context_parallel_slice
+from megaswift.runtime.distributed import device
 
 
 def _loss_func(loss_mask: torch.Tensor, per_token_loss_scaling: bool, output: torch.Tensor):
@@ -50,10 +51,10 @@ def forward_step(data_iterator: Iterator, model, per_token: bool = True):
 
 def _reduce_losses(losses: list[dict]) -> tuple[float, float]:
     """(mean loss over trained tokens, trained tokens) of the global batch, on every rank."""
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=device())  # NCCL reduces device tensors only
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for item in losses:
-            total += item["lm loss"].double().cpu()
+            total += item["lm loss"].double().to(total.device)
         if parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1:
             dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # share the last stage's figure

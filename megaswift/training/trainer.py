@@ -3,13 +3,18 @@
 Order of work: parse and check every flag, resolve the model and the layout (errors name flags)
 -> start the process groups -> tokenise (rank 0 first, the others reuse its cache) -> build the
 model chunks and load weights -> DDP, optimizer, schedule -> resume -> train, evaluate, log and
-save on their intervals -> final save. SIGTERM (SLURM pre-emption) saves and exits cleanly.
+save on their intervals -> final save. SIGTERM (SLURM pre-emption, `kill`, the torchrun launcher
+passing either on) and Ctrl-C save and exit cleanly. A run that fails before it has logged or
+saved anything removes the run directory it made.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -20,13 +25,17 @@ import torch.distributed as dist
 from megaswift.args.data import DataArgs
 from megaswift.args.parallel import ParallelArgs
 from megaswift.args.parser import parse
+from megaswift.args.runtime import RuntimeArgs
 from megaswift.args.train import ModelArgs, TrainArgs
-from megaswift.checkpointing import ARGS, HF_CONFIG, read_args
+from megaswift.checkpointing import ARGS, HF_CONFIG, TRACKER, read_args
+from megaswift.converters.hf_io import CheckpointError, HFReader
 from megaswift.logging_utils import log
-from megaswift.model.config import num_kv_heads
+from megaswift.model.config import check_sliding_window, num_kv_heads
 from megaswift.model.hf import (HFModel, config_dtype, copy_side_files, dtype_name, load_hf_config,
                                 parse_dtype, resolve_model_dir)
+from megaswift.runtime.context import resolve as resolve_runtime
 from megaswift.runtime.distributed import barrier, destroy_distributed, init_distributed, is_rank0
+from megaswift.runtime.save_dir import check_save
 
 
 @dataclasses.dataclass
@@ -36,17 +45,18 @@ class Job:
     data: DataArgs
     train: TrainArgs
     mode: str
+    runtime: RuntimeArgs
 
 
 def parse_job(argv: list[str], mode: str) -> Job:
-    model, parallel, data, train = parse((ModelArgs, ParallelArgs, DataArgs, TrainArgs), argv,
-                                         prog=f"megatron {mode}")
+    model, parallel, data, train, runtime = parse((ModelArgs, ParallelArgs, DataArgs, TrainArgs, RuntimeArgs),
+                                                  argv, prog=f"megatron {mode}")
     if mode == "pt":  # pretraining: plain text, every token trained (as Megatron-SWIFT's pt)
         data.template = data.template or "default"
         data.loss_scale = "all" if data.loss_scale == "default" else data.loss_scale
     if not data.dataset and not data.cached_dataset:
         raise ValueError("pass --dataset <files> or --cached_dataset <dir>")
-    return Job(model, parallel, data, train, mode)
+    return Job(model, parallel, data, train, mode, runtime)
 
 
 def _hf_source(job: Job):
@@ -111,10 +121,80 @@ def _check_optimizer(job: Job) -> None:
                          "false: megatron-core's distributed optimizer supports Adam only")
 
 
+def _check_save(job: Job) -> None:
+    """Before any work: `--save` is not the HF model (nor inside it), is a writable directory,
+    and a run already in it is continued only by `--load` of that same directory (Megatron-LM's
+    resume); anything else would append to its logs and overwrite its checkpoints."""
+    t = job.train
+    if not t.save:
+        return
+    root = check_save(t.save, {"--model": job.model.model}, contains=False)
+    if t.add_version or not any((root / f).exists() for f in (ARGS, TRACKER, "logging.jsonl")):
+        return
+    if job.model.load and Path(job.model.load).expanduser().resolve() == root:
+        return
+    raise FileExistsError(f"--save {t.save} already holds a run; pass --load {t.save} to resume it, "
+                          "another --save, or --add_version true for a new vN-<timestamp> run inside it")
+
+
+def _made_by_us(save_root: Path) -> Path | None:
+    """The topmost directory that creating `save_root` will make (None if it exists)."""
+    made = None
+    for p in (save_root, *save_root.parents):
+        if p.exists():
+            return made
+        made = p
+    return made
+
+
+def _discard_if_empty(save_root: Path, made: Path | None) -> None:
+    """Remove what this run made under `--save` when nothing was logged or saved yet."""
+    log_file = save_root / "logging.jsonl"
+    if made is None or (save_root / TRACKER).exists() or (log_file.exists() and log_file.stat().st_size):
+        return
+    shutil.rmtree(made, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGTERM and SIGINT (Ctrl-C) set `stop`: every rank saves after the current iteration and
+    exits 0 (`_agree` in loop.py). A second Ctrl-C aborts at once."""
+    stop = {"flag": False, "signal": None}
+
+    def handler(signum, _frame):
+        if stop["flag"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.update(flag=True, signal=signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+_SHAPE_MISMATCH = re.compile(r"shape mismatch for loaded \((.+?)\) and expected \((.+?)\) tensor for key (\S+)")
+
+
+def _foreign_checkpoint(job: Job, error: BaseException) -> CheckpointError | None:
+    """megatron-core's shape-mismatch traceback, as one line: the weights under --load are not
+    the model its args.json / hf_config describe."""
+    m = _SHAPE_MISMATCH.search(str(error))
+    if not (m and job.model.load):
+        return None
+    loaded, expected = (tuple(int(n) for n in re.findall(r"\d+", g)) for g in m.group(1, 2))
+    return CheckpointError(
+        f"--load {job.model.load}: {m.group(3)} is {loaded} in the checkpoint but {expected} in the model "
+        f"its {ARGS} and {HF_CONFIG}/ describe: the checkpoint belongs to another model; --load a "
+        f"checkpoint of this model, or give that checkpoint back its own {ARGS} and {HF_CONFIG}/")
+
+
 def run(argv: list[str], mode: str) -> int:
     from transformers import AutoTokenizer
 
     job = parse_job(argv, mode)
+    _check_save(job)
     src, hf_config, record = _hf_source(job)
     job.parallel.validate_model(num_layers=hf_config.num_hidden_layers,
                                 num_attention_heads=hf_config.num_attention_heads,
@@ -122,34 +202,42 @@ def run(argv: list[str], mode: str) -> int:
     hf = HFModel.from_config(hf_config, record.get("make_vocab_size_divisible_by",
                                                    job.model.make_vocab_size_divisible_by),
                              job.parallel.tensor_model_parallel_size, record.get("padded_vocab_size"))
+    if job.model.model:
+        HFReader(src).close()  # reads the safetensors headers: a truncated or corrupt file fails here
     dtype = _dtype(job, hf_config, record)
     tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=job.model.trust_remote_code)
-    job.parallel.validate_sequence_budget(
-        job.data.resolved_packing_length if job.data.packing else job.data.max_length)
-    init_distributed(job.parallel)
+    budget = job.data.resolved_packing_length if job.data.packing else job.data.max_length
+    job.parallel.validate_sequence_budget(budget)
+    check_sliding_window(hf_config, budget)
+    init_distributed(job.parallel, resolve_runtime(job.runtime.transformer_impl, job.runtime.attention_backend))
     try:
         _check_optimizer(job)
         from megaswift.training.loop import train_loop
 
         train_ds, val_ds = _build_data(job, tokenizer)
         save_root = _save_root(job.train)
-        if save_root is not None and is_rank0():
-            save_root.mkdir(parents=True, exist_ok=True)
-            copy_side_files(src, save_root / HF_CONFIG)
-            (save_root / ARGS).write_text(json.dumps({
-                "megaswift_checkpoint": 1, "family": hf.family.name, "torch_dtype": dtype_name(dtype),
-                "padded_vocab_size": hf.dims.padded_vocab_size,
-                "make_vocab_size_divisible_by": record.get("make_vocab_size_divisible_by",
-                                                           job.model.make_vocab_size_divisible_by),
-                "mode": mode, **{k: dataclasses.asdict(v) for k, v in (
-                    ("model_args", job.model), ("parallel", job.parallel), ("data", job.data),
-                    ("train", job.train))}}, indent=2, default=str) + "\n")
-        stop = {"flag": False}
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+        made = _made_by_us(save_root) if save_root is not None and is_rank0() else None
         try:
-            train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root, stop)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+            if save_root is not None and is_rank0():
+                save_root.mkdir(parents=True, exist_ok=True)
+                copy_side_files(src, save_root / HF_CONFIG)
+                (save_root / ARGS).write_text(json.dumps({
+                    "megaswift_checkpoint": 1, "family": hf.family.name, "torch_dtype": dtype_name(dtype),
+                    "padded_vocab_size": hf.dims.padded_vocab_size,
+                    "make_vocab_size_divisible_by": record.get("make_vocab_size_divisible_by",
+                                                               job.model.make_vocab_size_divisible_by),
+                    "mode": mode, **{k: dataclasses.asdict(v) for k, v in (
+                        ("model_args", job.model), ("parallel", job.parallel), ("data", job.data),
+                        ("train", job.train), ("runtime", job.runtime))}}, indent=2, default=str) + "\n")
+            with _stop_on_signals() as stop:
+                train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root, stop)
+        except BaseException as e:
+            if save_root is not None and is_rank0():
+                _discard_if_empty(save_root, made)
+            foreign = _foreign_checkpoint(job, e)  # torch's CheckpointException is a BaseException
+            if foreign is not None:
+                raise foreign from None
+            raise
     finally:
         destroy_distributed()
     return 0

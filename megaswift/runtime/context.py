@@ -1,0 +1,94 @@
+"""The one runtime decision: device, backend, transformer implementation and attention kernel.
+
+Resolved once at start from the flags (`--transformer_impl`, `--attention_backend`) and the
+hardware, logged once, and read by every module that must choose (layer spec, model placement,
+collectives, RNG state, core attention). Nothing else consults `torch.cuda.is_available()`.
+
+Options that only change speed fall back to the portable path with one logged line where the
+hardware or kernels are missing; the environment variables `MEGASWIFT_TRANSFORMER_IMPL` and
+`MEGASWIFT_ATTENTION` remain as overrides for debugging.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+ATTENTION_BACKENDS = ("flash", "fused", "unfused", "local", "auto")
+#: what the local (non-TE) core attention runs for each --attention_backend
+_LOCAL_KERNEL = {"flash": "fused", "fused": "fused", "auto": "fused", "unfused": "reference", "local": "reference"}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device_type: str          # "cuda" or "cpu"
+    backend: str              # torch.distributed backend: "nccl" or "gloo"
+    transformer_impl: str     # what is used: "transformer_engine" or "local"
+    attention_backend: str    # as requested (megatron's AttnBackend name, for the TE path)
+    attention_kernel: str     # the local path's core attention: "fused" (SDPA) or "reference"
+    notes: tuple[str, ...] = ()  # the fallbacks taken, one line each
+
+    @property
+    def cuda(self) -> bool:
+        return self.device_type == "cuda"
+
+    def device(self) -> torch.device:
+        """The device this rank computes on (and collectives run on)."""
+        if self.cuda:
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+
+def _transformer_engine_importable() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve(transformer_impl: str = "transformer_engine", attention_backend: str = "flash") -> Runtime:
+    """The runtime for these flags on this machine (no side effects)."""
+    transformer_impl = os.environ.get("MEGASWIFT_TRANSFORMER_IMPL") or transformer_impl
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"--transformer_impl {transformer_impl!r}: use one of {', '.join(TRANSFORMER_IMPLS)}")
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"--attention_backend {attention_backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
+    cuda = torch.cuda.is_available()
+    notes = []
+    impl = transformer_impl
+    if impl == "transformer_engine" and not (cuda and _transformer_engine_importable()):
+        missing = "CUDA" if not cuda else "the transformer-engine package (pip install 'megaswift[gpu]')"
+        notes.append(f"--transformer_impl transformer_engine: no {missing}; using the local layer spec "
+                     "(same parameter names and math)")
+        impl = "local"
+    kernel = os.environ.get("MEGASWIFT_ATTENTION") or _LOCAL_KERNEL[attention_backend]
+    if kernel not in ("fused", "reference"):
+        raise ValueError(f"MEGASWIFT_ATTENTION must be 'fused' or 'reference', got {kernel!r}")
+    if impl == "local" and attention_backend in ("flash", "fused"):
+        where = "torch SDPA" + (" (flash kernels where CUDA has them)" if cuda else " on the CPU")
+        notes.append(f"--attention_backend {attention_backend}: needs TransformerEngine; using {where} "
+                     "(same math)")
+    return Runtime(device_type="cuda" if cuda else "cpu", backend="nccl" if cuda else "gloo",
+                   transformer_impl=impl, attention_backend=attention_backend, attention_kernel=kernel,
+                   notes=tuple(notes))
+
+
+_current: Runtime | None = None
+
+
+def set_current(runtime: Runtime) -> Runtime:
+    global _current
+    _current = runtime
+    return runtime
+
+
+def current() -> Runtime:
+    """The runtime resolved at start (the defaults' resolution before any command set one)."""
+    global _current
+    if _current is None:
+        _current = resolve()
+    return _current
