@@ -16,7 +16,7 @@ import pytest
 from conftest import logged, ok, run_megatron
 from megaswift.assets import fetch_llamafactory_data, fetch_smollm2
 from megaswift.data.packing import pack_rows, pack_stream
-from megaswift.training.data import StreamBatches
+from megaswift.training.batches import StreamBatches
 from tiny_models import make_tiny_model
 
 RTOL = 1e-5

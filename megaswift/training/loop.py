@@ -18,8 +18,8 @@ from megaswift.data.pipeline import is_stream
 from megaswift.logging_utils import log
 from megaswift.runtime.context import current as current_runtime
 from megaswift.runtime.distributed import device
-from megaswift.training.checkpoint import has_optimizer_state, load_training_state, save_training_state
-from megaswift.training.data import (EMPTY_SAMPLE, GlobalBatchSampler, IndexedBatches, StreamBatches, eval_batches,
+from megaswift.training.state import has_optimizer_state, load_training_state, save_training_state
+from megaswift.training.batches import (EMPTY_SAMPLE, GlobalBatchSampler, IndexedBatches, StreamBatches, eval_batches,
                                      train_iters_for_epochs)
 from megaswift.training.logger import TrainLogger
 from megaswift.training.setup import build_model, wrap_and_optimize

@@ -1,6 +1,6 @@
 """Training checkpoints: model, distributed optimizer, LR schedule, RNG and the data position.
 
-The data position is the iteration itself (see `training/data.py`), so restoring the iteration
+The data position is the iteration itself (see `training/batches.py`), so restoring the iteration
 restores the next batch. The distributed optimizer is saved 'dp_reshardable'. RNG states go to
 one small file per rank (`rng/rank_N.pt`, tensors only, read back with weights_only=True).
 Every read goes through `checkpointing.load_state` / `load_common` / `safe_load.torch_load`, so a
