@@ -69,9 +69,6 @@ class GlobalBatchSampler:
     def num_microbatches(self) -> int:
         return self.g // (self.mbs * self.dp_size)
 
-    def iterations_per_epoch(self) -> int:
-        return max(1, self.n // self.g)
-
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
             rng = np.random.default_rng(self.seed + epoch)
@@ -90,14 +87,6 @@ class GlobalBatchSampler:
         share = self.g // self.dp_size
         mine = self.global_batch(iteration)[self.dp_rank * share:(self.dp_rank + 1) * share]
         return [mine[i:i + self.mbs] for i in range(0, share, self.mbs)]
-
-
-def micro_batch_iterator(dataset, sampler: GlobalBatchSampler, iteration: int,
-                         collate: Callable[[list[dict]], object]) -> Iterator:
-    """The micro-batches of one optimizer step, collated (rows dropped on access left out)."""
-    for indices in sampler.micro_batches(iteration):
-        samples = [s for s in (dataset[i] for i in indices) if s is not None]
-        yield collate(samples or [EMPTY_SAMPLE])
 
 
 class IndexedBatches:
