@@ -249,6 +249,7 @@ def test_sigterm_saves_and_exits_cleanly(model_dir, dataset, tmp_path):
     (2, ["--pipeline_model_parallel_size", "2", "--decoder_first_pipeline_num_layers", "5"],
      "do not fit the model's 4 layers"),
     (1, ["--global_batch_size", "7"], "--global_batch_size 7 is not a multiple of --micro_batch_size 2"),
+    (1, ["--lr_warmup_iters", "2"], "--lr_warmup_iters 2 must be smaller than --lr_decay_iters/--train_iters 2"),
     (2, ["--optimizer", "sgd"], "--optimizer sgd with 2 data-parallel ranks needs --use_distributed_optimizer false"),
 ])
 def test_invalid_layouts_fail_before_work(nproc, flags, message, model_dir, dataset, tmp_path):

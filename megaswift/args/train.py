@@ -74,6 +74,10 @@ class TrainArgs:
             raise ValueError(f"--train_iters {self.train_iters} must be >= 1")
         if not math.isfinite(self.lr) or self.lr < 0:  # nan would train nothing, silently
             raise ValueError(f"--lr {self.lr} must be a finite number >= 0")
+        decay = self.lr_decay_iters or self.train_iters
+        if decay is not None and self.lr_warmup_iters >= decay:  # megatron's scheduler asserts it
+            raise ValueError(f"--lr_warmup_iters {self.lr_warmup_iters} must be smaller than "
+                             f"--lr_decay_iters/--train_iters {decay}")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"--global_batch_size {self.global_batch_size} is not a multiple of "
                              f"--micro_batch_size {self.micro_batch_size}")
