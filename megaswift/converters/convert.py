@@ -1,8 +1,10 @@
 """Moving weights between an HF folder and this rank's megatron-core model chunks.
 
-The engine knows nothing about any family: it matches each MCore parameter to the family's
-declared mapping, runs the mapping's transform on full tensors and lets `sharding` cut or join
-the TP pieces. Pipeline stages fall out of the global layer numbers of each chunk's layers.
+The engine knows nothing about any family: it canonicalises each MCore parameter name (wrappers
+removed, adapter parameters set aside), matches it to the family's declared mapping, turns local
+layer and expert numbers into global ones, runs the mapping's transform on full tensors and lets
+`sharding` cut or join the pieces over the mapping's axis (TP or expert TP). Pipeline stages and
+expert-parallel ranks fall out of the global numbers of the layers and experts each rank holds.
 Completeness is checked both ways: every MCore parameter has exactly one mapping, and across all
 ranks every HF tensor is consumed.
 """
@@ -17,12 +19,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megaswift.converters.family import Family, compile_patterns
+from megaswift.converters.family import Family
 from megaswift.converters.hf_io import CheckpointError, HFReader
 from megaswift.converters.mappings import Mapping, ModelDims
-from megaswift.converters.sharding import shard, unshard
+from megaswift.converters.names import canonical, compile_pattern, fill
+from megaswift.converters.sharding import Axis, Placement, shard, unshard
 
-_LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 # HF tensors that carry nothing (derived buffers some old checkpoints saved).
 _IGNORABLE = re.compile(r".*\.rotary_emb\.inv_freq$")
 
@@ -30,46 +32,80 @@ _IGNORABLE = re.compile(r".*\.rotary_emb\.inv_freq$")
 @dataclass(frozen=True)
 class Target:
     param: torch.nn.Parameter
-    mcore_name: str          # with the global layer index
-    mapping: Mapping
+    mcore_name: str          # canonical, with the global layer and expert indices
+    mapping: Mapping         # for an adapter parameter: the mapping of the weight it adapts
     layer: int | None
+    expert: int | None = None
+    adapter: str | None = None  # the adapter's part of the name ("lora_A.weight"), else None
+
+    def hf_names(self) -> dict[str, str]:
+        return self.mapping.hf_names(self.layer, self.expert)
 
 
-def targets(models, family: Family, hf_config) -> list[Target]:
-    """Each parameter of this rank's chunks with its mapping; an unmapped parameter is an error."""
-    patterns = compile_patterns(family.mappings(hf_config))
+def current_placement() -> Placement:
+    """This rank's place on the TP, expert-TP and EP groups megatron set up."""
+    ps = parallel_state
+    return Placement(
+        tp=(ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
+        etp=(ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()),
+        ep=(ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()))
+
+
+def targets(models, family: Family, hf_config, placement: Placement) -> list[Target]:
+    """Each parameter of this rank's chunks with its mapping; an unmapped parameter is an error.
+
+    Adapter parameters come back too (`Target.adapter` set), with the mapping of the weight they
+    adapt; the base conversion skips them.
+    """
+    patterns = [(compile_pattern(m.mcore), m) for m in family.mappings(hf_config)]
     out = []
     for model in models:
         for name, param in model.named_parameters():
-            canonical, layer = name, None
-            m = _LOCAL_LAYER.match(name)
-            if m:
-                layer = model.decoder.layers[int(m.group(1))].layer_number - 1
-                canonical = f"decoder.layers.{layer}.{m.group(2)}"
-            hits = [mp for rx, mp in patterns if rx.match(canonical)]
+            base = canonical(name)
+            hits = [(hit, mapping) for rx, mapping in patterns if (hit := rx.match(base.name))]
             if len(hits) != 1:
                 raise CheckpointError(
-                    f"MCore parameter {canonical} has {len(hits)} mappings in family "
+                    f"MCore parameter {base.name} has {len(hits)} mappings in family "
                     f"{family.name!r} (needs exactly one); the family declaration is incomplete")
-            out.append(Target(param, canonical, hits[0], layer))
+            (match, mapping), = hits
+            layer, expert = _global_indices(model, match, placement)
+            out.append(Target(param, fill(mapping.mcore, layer, expert), mapping, layer, expert,
+                              base.adapter))
     return out
 
 
-def load_hf_weights(models, family: Family, hf_config, reader: HFReader, dims: ModelDims) -> None:
-    """Fill this rank's chunks from the HF folder, reading only the tensors this rank needs."""
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+def _global_indices(model, match: re.Match, placement: Placement) -> tuple[int | None, int | None]:
+    """The global layer and expert numbers of a name matched with this chunk's local numbers."""
+    found = match.groupdict()
+    layer = expert = None
+    if found.get("layer") is not None:
+        layer = model.decoder.layers[int(found["layer"])].layer_number - 1
+    if found.get("expert") is not None:
+        expert = placement.global_expert(int(found["expert"]), model.config.num_moe_experts)
+    return layer, expert
+
+
+def load_hf_weights(models, family: Family, hf_config, reader: HFReader, dims: ModelDims, *,
+                    placement: Placement | None = None) -> None:
+    """Fill this rank's chunks from the HF folder, reading only the tensors this rank needs.
+
+    `placement` defaults to this rank's place in megatron's groups.
+    """
+    placement = placement or current_placement()
     consumed: set[str] = set()
     with torch.no_grad():
-        for t in targets(models, family, hf_config):
-            names = t.mapping.hf_names(t.layer)
+        for t in targets(models, family, hf_config, placement):
+            if t.adapter:
+                continue
+            names = t.hf_names()
             full = t.mapping.to_mcore({r: reader.get(n) for r, n in names.items()}, dims)
-            piece = shard(full, t.mapping.shard, tp_rank, tp_size)
+            rank, size = placement.on(t.mapping.axis)
+            piece = shard(full, t.mapping.shard, rank, size, t.mapping.axis)
             if piece.shape != t.param.shape:
                 raise CheckpointError(
                     f"{t.mcore_name}: HF tensors {sorted(names.values())} give shape "
-                    f"{tuple(piece.shape)} on TP rank {tp_rank}, the model expects "
-                    f"{tuple(t.param.shape)}; config.json does not match the weights")
+                    f"{tuple(piece.shape)} on {t.mapping.axis.value} rank {rank}, the model "
+                    f"expects {tuple(t.param.shape)}; config.json does not match the weights")
             t.param.data.copy_(piece)
             consumed.update(names.values())
     _check_all_consumed(reader, consumed, hf_config)
@@ -91,27 +127,40 @@ def _check_all_consumed(reader: HFReader, consumed: set[str], hf_config) -> None
             "feature megaswift does not convert")
 
 
-def export_hf_tensors(models, family: Family, hf_config, dims: ModelDims
-                      ) -> Iterator[tuple[str, torch.Tensor]]:
+# The group each axis all-gathers over on export.
+_GROUPS = {Axis.TP: parallel_state.get_tensor_model_parallel_group,
+           Axis.EXPERT_TP: parallel_state.get_expert_tensor_parallel_group}
+
+
+def export_hf_tensors(models, family: Family, hf_config, dims: ModelDims, *,
+                      placement: Placement | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, full tensor) for this rank's chunks.
 
-    Every TP rank must iterate (the TP pieces are all-gathered); only TP rank 0 of the first
-    data-parallel replica yields, so each tensor is written once.
+    Every rank of a parameter's axis group must iterate (its pieces are all-gathered there); only
+    rank 0 of that group in the first data-parallel replica yields, so each tensor is written
+    once. Routed experts differ between expert-parallel ranks: each of them writes its own.
+    `placement` defaults to this rank's place in megatron's groups.
     """
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    writer = (parallel_state.get_tensor_model_parallel_rank() == 0
-              and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0)
+    placement = placement or current_placement()
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-    for t in targets(models, family, hf_config):
-        local = t.param.detach()
-        if tp_size > 1:
-            parts = [torch.empty_like(local) for _ in range(tp_size)]
-            dist.all_gather(parts, local.contiguous(), group=tp_group)
-        else:
-            parts = [local]
-        if not writer or (tied and t.mcore_name == "output_layer.weight"):
+    for t in targets(models, family, hf_config, placement):
+        if t.adapter:
             continue
-        names = t.mapping.hf_names(t.layer)
+        local = t.param.detach()
+        rank, size = placement.on(t.mapping.axis)
+        parts = [local]
+        if size > 1:
+            parts = [torch.empty_like(local) for _ in range(size)]
+            dist.all_gather(parts, local.contiguous(), group=_GROUPS[t.mapping.axis]())
+        if rank != 0 or _replica(t.mapping.axis) != 0 or (tied and t.mcore_name == "output_layer.weight"):
+            continue
+        names = t.hf_names()
         for role, tensor in t.mapping.to_hf(unshard(parts, t.mapping.shard), dims).items():
             yield names[role], tensor.cpu()
+
+
+def _replica(axis: Axis) -> int:
+    """This rank's data-parallel replica number for parameters split over `axis`."""
+    if axis is Axis.EXPERT_TP:
+        return parallel_state.get_expert_data_parallel_rank()
+    return parallel_state.get_data_parallel_rank(with_context_parallel=True)

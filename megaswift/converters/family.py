@@ -1,10 +1,23 @@
-"""A model family: which HF configs it covers and its mappings, as data."""
+"""A model family: which HF configs it covers, its config fields and its mappings, as data.
+
+Mapping names are patterns with two placeholders, filled with *global* indices on both sides:
+
+- `*`   the decoder layer: `decoder.layers.*.mlp.linear_fc2.weight` <-> `model.layers.*.mlp.down_proj.weight`
+- `{E}` the routed expert, beside the layer:
+  `decoder.layers.*.mlp.experts.local_experts.{E}.linear_fc1.weight` (megatron's SequentialMLP;
+  TEGroupedMLP's is `decoder.layers.*.mlp.experts.linear_fc1.weight{E}`) <->
+  `model.layers.*.mlp.experts.{E}.gate_proj.weight` / `...up_proj.weight`.
+  Expert mappings say `axis=Axis.EXPERT_TP`: expert-tensor parallel splits them, and each
+  expert-parallel rank holds its own experts (the engine turns local expert numbers into global).
+
+The MCore side is always the base name: wrappers such as LoRA's are removed before matching
+(`names.canonical`).
+"""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from megaswift.converters.mappings import QKV, GatedMLP, Mapping, Rename, VocabRows
 from megaswift.converters.sharding import Shard
@@ -13,8 +26,18 @@ LAYER = "decoder.layers.*."
 HF_LAYER = "model.layers.*."
 
 
-def dense_decoder(*, qkv_bias: bool, qk_norm: bool, tied: bool) -> list[Mapping]:
-    """The Llama-style decoder shared by llama, mistral, qwen2, qwen3 (and MoE families' attention)."""
+def dense_mlp(hf_config) -> list[Mapping]:
+    """A dense layer's SwiGLU MLP, its pre-norm fused into fc1 (as TE's LayerNormColumnParallelLinear)."""
+    return [
+        Rename(LAYER + "mlp.linear_fc1.layer_norm_weight", hf=HF_LAYER + "post_attention_layernorm.weight"),
+        GatedMLP(LAYER + "mlp.linear_fc1.weight",
+                 gate=HF_LAYER + "mlp.gate_proj.weight", up=HF_LAYER + "mlp.up_proj.weight"),
+        Rename(LAYER + "mlp.linear_fc2.weight", hf=HF_LAYER + "mlp.down_proj.weight", shard=Shard.ROW),
+    ]
+
+
+def decoder(*, qkv_bias: bool, qk_norm: bool, tied: bool, mlp: list[Mapping]) -> list[Mapping]:
+    """The Llama-style decoder shared by llama, mistral, qwen2, qwen3, around each layer's `mlp`."""
     attn = HF_LAYER + "self_attn."
     maps: list[Mapping] = [
         VocabRows("embedding.word_embeddings.weight", hf="model.embed_tokens.weight"),
@@ -22,10 +45,7 @@ def dense_decoder(*, qkv_bias: bool, qk_norm: bool, tied: bool) -> list[Mapping]
         QKV(LAYER + "self_attention.linear_qkv.weight",
             q=attn + "q_proj.weight", k=attn + "k_proj.weight", v=attn + "v_proj.weight"),
         Rename(LAYER + "self_attention.linear_proj.weight", hf=attn + "o_proj.weight", shard=Shard.ROW),
-        Rename(LAYER + "mlp.linear_fc1.layer_norm_weight", hf=HF_LAYER + "post_attention_layernorm.weight"),
-        GatedMLP(LAYER + "mlp.linear_fc1.weight",
-                 gate=HF_LAYER + "mlp.gate_proj.weight", up=HF_LAYER + "mlp.up_proj.weight"),
-        Rename(LAYER + "mlp.linear_fc2.weight", hf=HF_LAYER + "mlp.down_proj.weight", shard=Shard.ROW),
+        *mlp,
         Rename("decoder.final_layernorm.weight", hf="model.norm.weight"),
         VocabRows("output_layer.weight", hf="model.embed_tokens.weight" if tied else "lm_head.weight"),
     ]
@@ -40,13 +60,20 @@ def dense_decoder(*, qkv_bias: bool, qk_norm: bool, tied: bool) -> list[Mapping]
 
 @dataclass(frozen=True)
 class Family:
-    """One HF model family: the `model_type`s it covers, its config flags and its mappings."""
+    """One HF model family: the `model_type`s it covers, its config flags and its mappings.
+
+    `mlp(hf_config)` declares each layer's MLP (dense by default; an MoE family's router,
+    experts and shared experts). `transformer_config(hf_config)` returns family-specific
+    TransformerConfig fields (MoE sizes, router settings ...), merged over the shared ones.
+    """
     name: str
     model_types: tuple[str, ...]
     architecture: str
     qk_layernorm: bool = False
     default_qkv_bias: bool = False
     unsupported: Callable[[object], str | None] = field(default=lambda cfg: None)
+    mlp: Callable[[object], list[Mapping]] = field(default=dense_mlp)
+    transformer_config: Callable[[object], dict[str, Any]] = field(default=lambda cfg: {})
 
     def qkv_bias(self, hf_config) -> bool:
         return bool(getattr(hf_config, "attention_bias", self.default_qkv_bias))
@@ -59,15 +86,11 @@ class Family:
         if problem:
             raise ValueError(f"{self.name}: {problem}")
 
+    def config_fields(self, hf_config) -> dict[str, Any]:
+        """The TransformerConfig fields this family decides: its attention flags and its hook's."""
+        return {"add_qkv_bias": self.qkv_bias(hf_config), "qk_layernorm": self.qk_layernorm,
+                **self.transformer_config(hf_config)}
+
     def mappings(self, hf_config) -> list[Mapping]:
-        return dense_decoder(qkv_bias=self.qkv_bias(hf_config), qk_norm=self.qk_layernorm,
-                             tied=bool(getattr(hf_config, "tie_word_embeddings", False)))
-
-
-def compile_patterns(mappings: list[Mapping]) -> list[tuple[re.Pattern, Mapping]]:
-    """Regexes that match a concrete MCore name and capture its layer index."""
-    out = []
-    for m in mappings:
-        pattern = re.escape(m.mcore).replace(r"\*", r"(\d+)")
-        out.append((re.compile(f"^{pattern}$"), m))
-    return out
+        return decoder(qkv_bias=self.qkv_bias(hf_config), qk_norm=self.qk_layernorm,
+                       tied=bool(getattr(hf_config, "tie_word_embeddings", False)), mlp=self.mlp(hf_config))

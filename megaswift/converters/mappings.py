@@ -1,8 +1,10 @@
 """Typed HF <-> MCore weight mappings, each declared once and used in both directions.
 
-A mapping names one megatron-core parameter (with `*` for the global layer index) and the HF
-tensor(s) it is made of, and says how the full MCore tensor is split over tensor-parallel ranks
-(`shard`). It transforms *full* tensors only; cutting them into TP pieces is `sharding.py`'s job.
+A mapping names one megatron-core parameter (with `*` for the global layer index and `{E}` for
+the global expert index, see `names.py`) and the HF tensor(s) it is made of, and says how the full
+MCore tensor is split (`shard`) over which group (`axis`: tensor parallel, or expert-tensor
+parallel for routed experts). It transforms *full* tensors only; cutting them into pieces is
+`sharding.py`'s job.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import ClassVar
 
 import torch
 
-from megaswift.converters.sharding import Shard
+from megaswift.converters.names import fill
+from megaswift.converters.sharding import Axis, Shard
 
 
 @dataclass(frozen=True)
@@ -30,12 +33,12 @@ class ModelDims:
 class Mapping(ABC):
     mcore: str
     shard: Shard = Shard.REPLICATED
+    axis: Axis = Axis.TP
     roles: ClassVar[tuple[str, ...]] = ("hf",)
 
-    def hf_names(self, layer: int | None) -> dict[str, str]:
-        """{role: HF tensor name} for `layer` (None for non-layer tensors)."""
-        names = {role: getattr(self, role) for role in self.roles}
-        return {r: n.replace("*", str(layer)) if layer is not None else n for r, n in names.items()}
+    def hf_names(self, layer: int | None = None, expert: int | None = None) -> dict[str, str]:
+        """{role: HF tensor name} for the global `layer` and `expert` (None where not indexed)."""
+        return {role: fill(getattr(self, role), layer, expert) for role in self.roles}
 
     @abstractmethod
     def to_mcore(self, hf: dict[str, torch.Tensor], dims: ModelDims) -> torch.Tensor:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
-from megaswift.args.parallel import ParallelArgs
 from megaswift.runtime.context import current as current_runtime
 
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu,
@@ -47,16 +47,28 @@ def check_sliding_window(hf_config, sequence_budget: int | None) -> None:
                      f"pass --max_length {window} or less (attention within the window is exact)")
 
 
-def transformer_config(hf_config, family, parallel: ParallelArgs, params_dtype: torch.dtype,
-                       **overrides: Any) -> TransformerConfig:
-    """Build the TransformerConfig for `hf_config` (of `family`) at layout `parallel`.
+@dataclass(frozen=True)
+class ParallelSizes:
+    """The parallel layout as megatron-core's config takes it (`ParallelArgs.sizes()` from flags)."""
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+    cp: int = 1
+    ep: int = 1
+    etp: int | None = None       # None: the same as tp
+    sp: bool = False
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
 
-    `overrides` carries training settings (recompute, dropout ...) that are not in the HF config.
-    Raises `LayoutError` when the layout does not fit the model.
+
+def transformer_config(hf_config, family, sizes: ParallelSizes, params_dtype: torch.dtype,
+                       **overrides: Any) -> TransformerConfig:
+    """Build the TransformerConfig for `hf_config` (of `family`) at layout `sizes`.
+
+    The family's own fields (`Family.config_fields`) go over the shared ones; `overrides` carries
+    training settings (recompute, dropout ...) that are not in the HF config and go over both.
+    The layout is checked against the model before (`ParallelArgs.validate_model`).
     """
-    parallel.validate_model(num_layers=hf_config.num_hidden_layers,
-                            num_attention_heads=hf_config.num_attention_heads,
-                            num_query_groups=num_kv_heads(hf_config))
     act = getattr(hf_config, "hidden_act", "silu")
     if act not in _ACTIVATIONS:
         raise ValueError(f"hidden_act {act!r} in config.json is not supported; "
@@ -75,8 +87,6 @@ def transformer_config(hf_config, family, parallel: ParallelArgs, params_dtype: 
         gated_linear_unit=True,
         activation_func=_ACTIVATIONS[act],
         add_bias_linear=False,
-        add_qkv_bias=family.qkv_bias(hf_config),
-        qk_layernorm=family.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
         init_method_std=getattr(hf_config, "initializer_range", 0.02),
@@ -91,18 +101,20 @@ def transformer_config(hf_config, family, parallel: ParallelArgs, params_dtype: 
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         pipeline_dtype=params_dtype,
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-        context_parallel_size=parallel.context_parallel_size,
-        expert_model_parallel_size=parallel.expert_model_parallel_size,
-        sequence_parallel=parallel.sequence_parallel,
-        num_layers_in_first_pipeline_stage=parallel.decoder_first_pipeline_num_layers,
-        num_layers_in_last_pipeline_stage=parallel.decoder_last_pipeline_num_layers,
+        tensor_model_parallel_size=sizes.tp,
+        pipeline_model_parallel_size=sizes.pp,
+        virtual_pipeline_model_parallel_size=sizes.vpp,
+        context_parallel_size=sizes.cp,
+        expert_model_parallel_size=sizes.ep,
+        expert_tensor_parallel_size=sizes.etp,
+        sequence_parallel=sizes.sp,
+        num_layers_in_first_pipeline_stage=sizes.first_stage_layers,
+        num_layers_in_last_pipeline_stage=sizes.last_stage_layers,
     )
     if runtime.transformer_impl == "transformer_engine":  # TE's attention honours the backend itself
         from megatron.core.transformer.enums import AttnBackend
 
         kwargs["attention_backend"] = AttnBackend[runtime.attention_backend]
+    kwargs.update(family.config_fields(hf_config))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
