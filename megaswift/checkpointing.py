@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import zipfile
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch.distributed as dist
@@ -187,12 +188,46 @@ def load_models(models, root: Path) -> None:
             m.load_state_dict(loaded[f"model{i}"], strict=True)
 
 
-def read_args(root: Path) -> dict:
-    path = root / ARGS
-    if not path.exists():
-        raise CheckpointError(f"{path} is missing: {root} was not written by megaswift; "
-                              "re-export it with `megatron export --to_mcore`")
-    return json.loads(path.read_text())
+@dataclass
+class CheckpointRecord:
+    """`args.json`: what rebuilds a checkpoint's model, written by export and by training alike.
+
+    ``flags`` holds a training run's flags by group (``mode``, ``model_args``, ``parallel``,
+    ``data``, ``train``, ``runtime``), kept at the top level of the file.
+    """
+    family: str
+    torch_dtype: str
+    padded_vocab_size: int
+    make_vocab_size_divisible_by: int
+    saved_with: dict | None = None          # the layout it was written at (TP, PP)
+    source_model: str | None = None         # the HF model it was converted from
+    flags: dict = field(default_factory=dict)
+    megaswift_checkpoint: int = 1
+
+    @staticmethod
+    def layout(tp: int, pp: int) -> dict:
+        return {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
+
+    def write(self, root: Path) -> None:
+        data = {k: v for k, v in asdict(self).items() if k != "flags" and v is not None}
+        tmp = root / (ARGS + ".tmp")
+        tmp.write_text(json.dumps({**data, **self.flags}, indent=2, default=str) + "\n")
+        os.replace(tmp, root / ARGS)
+
+    @classmethod
+    def read(cls, root: Path) -> "CheckpointRecord":
+        path = root / ARGS
+        if not path.exists():
+            raise CheckpointError(f"{path} is missing: {root} was not written by megaswift; "
+                                  "re-export it with `megatron export --to_mcore`")
+        try:
+            data = json.loads(path.read_text())
+            known = {f.name for f in fields(cls)} - {"flags"}
+            return cls(**{k: v for k, v in data.items() if k in known},
+                       flags={k: v for k, v in data.items() if k not in known})
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path} is damaged ({e}); re-export the checkpoint with "
+                                  "`megatron export --to_mcore`") from None
 
 
 def _rank() -> int:

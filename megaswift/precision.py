@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megaswift.data.collate import collate_padded, collate_padding_free, pad_multiple
+from megaswift.context_parallel import pad_multiple
+from megaswift.data.collate import collate_padded, collate_padding_free
 from megaswift.model.forward import forward_logits
 
 MAX_ABS_DIFF = 1e-3

@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 . .venv/bin/activate
 export PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-python -m pytest -q -p no:cacheprovider "$@"
+python -m pytest -q -p no:cacheprovider --durations=25 "$@"

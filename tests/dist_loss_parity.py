@@ -21,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megaswift.args.parallel import ParallelArgs  # noqa: E402
-from megaswift.data.collate import (TrainBatch, collate_padded, collate_padding_free,  # noqa: E402
-                                    pad_multiple, split_samples)
+from megaswift.batch import TrainBatch  # noqa: E402
+from megaswift.context_parallel import pad_multiple  # noqa: E402
+from megaswift.data.collate import collate_padded, collate_padding_free, split_samples  # noqa: E402
 
 ATOL = 1e-5
 
@@ -59,7 +60,7 @@ def build_model(src, parallel: ParallelArgs):
     # no dropout: without a seeded tracker it raises "rng state model-parallel-rng is not added"
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     hf = HFModel.from_config(load_hf_config(Path(src)), 128, parallel.tensor_model_parallel_size)
-    config = transformer_config(hf.config, hf.family, parallel, torch.float32,
+    config = transformer_config(hf.config, hf.family, parallel.sizes(), torch.float32,
                                 perform_initialization=False)
     model = build_gpt_model(hf.config, config, padded_vocab=hf.dims.padded_vocab_size)
     load_hf_weights([model], hf.family, hf.config, HFReader(Path(src)), hf.dims)

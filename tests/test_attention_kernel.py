@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from megaswift.kernels import attention as attn
+from megaswift.context_parallel import load_balanced_indices
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 GRAD_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
@@ -224,7 +225,7 @@ def _cp_worker(rank, world, port, case, impl_name, out_dir):
     try:
         impl = getattr(attn, impl_name)
         q, k, v, kw, lens = _cp_problem(case, world)
-        idx = attn.load_balanced_indices(lens, world, rank)
+        idx = load_balanced_indices(lens, world, rank)
         local = [x.detach()[idx].clone().requires_grad_() for x in (q, k, v)]
         if "attention_mask" in kw:
             kw["attention_mask"] = kw["attention_mask"][:, :, idx, :]  # local queries, global keys
@@ -267,16 +268,6 @@ def test_context_parallel_matches_one_rank(case, cp, impl_name, tmp_path):
         for mine, ref in zip(got["grads"], (q.grad, k.grad, v.grad)):
             torch.testing.assert_close(mine, ref[idx], atol=1e-5, rtol=1e-4)
     assert covered.all()  # the ranks' chunks tile every sequence
-
-
-def test_load_balanced_indices():
-    # one sequence of 8 over cp=2: chunks of 2; rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2
-    assert attn.load_balanced_indices([8], 2, 0).tolist() == [0, 1, 6, 7]
-    assert attn.load_balanced_indices([8], 2, 1).tolist() == [2, 3, 4, 5]
-    # per sequence when several are laid end to end
-    assert attn.load_balanced_indices([4, 8], 2, 0).tolist() == [0, 3, 4, 5, 10, 11]
-    with pytest.raises(ValueError, match="multiple of 2 x context-parallel size = 4"):
-        attn.load_balanced_indices([6], 2, 0)
 
 
 # ------------------------------------------------------------------------------ CoreAttention

@@ -8,24 +8,13 @@ import random
 import pytest
 import torch
 
-from megaswift.data.collate import (IGNORE_INDEX, collate_padded, collate_padding_free,
-                                    context_parallel_slice, pad_multiple)
+from megaswift.data.collate import collate_padded, collate_padding_free
+from megaswift.data.template import IGNORE_INDEX
 from megaswift.data.packing import efficiency, pack, pack_rows
 
 A = {"input_ids": [10, 11, 12, 13], "labels": [-100, -100, 12, 13]}
 B = {"input_ids": [20, 21, 22], "labels": [-100, 21, 22]}
 C = {"input_ids": [30, 31], "labels": [30, -100]}
-
-
-def test_pad_multiple():
-    assert pad_multiple(1, False, 1) == 1
-    assert pad_multiple(4, False, 1) == 1          # no SP: TP does not split the sequence
-    assert pad_multiple(1, True, 1) == 1           # SP without TP is a no-op
-    assert pad_multiple(4, True, 1) == 4
-    assert pad_multiple(1, False, 2) == 4
-    assert pad_multiple(2, True, 2) == 4           # lcm(2 x cp, tp x cp) = lcm(4, 4)
-    assert pad_multiple(3, True, 2) == 12          # lcm(4, 6)
-    assert pad_multiple(8, True, 4) == 32          # each CP rank's s/4 tokens split over 8 TP ranks
 
 
 def test_padding_free_context_parallel_pads_each_sample():
@@ -44,23 +33,6 @@ def test_padding_free_context_parallel_pads_each_sample():
     assert collate_padding_free([A, B], pad_id=0, multiple=4, cp=2, length=16).num_tokens == 16
     with pytest.raises(ValueError, match="does not fit the fixed length 8"):
         collate_padding_free([A, B, C], pad_id=0, multiple=4, cp=2, length=8)
-
-
-def test_context_parallel_slice_is_load_balanced_and_tiles_the_batch():
-    b = collate_padding_free([A, B, C], pad_id=0, multiple=8, cp=2)
-    r0, r1 = (context_parallel_slice(b, 2, r) for r in (0, 1))
-    # per 4-token sample: rank 0 holds tokens 0 and 3, rank 1 tokens 1 and 2
-    assert r0.input_ids.tolist() == [[10, 13, 20, 0, 30, 0, 0, 0]]
-    assert r1.input_ids.tolist() == [[11, 12, 21, 22, 31, 0, 0, 0]]
-    assert r0.position_ids.tolist() == [[0, 3] * 4]
-    assert r0.loss_mask.sum() + r1.loss_mask.sum() == b.loss_mask.sum()
-    assert r0.packed_seq_params is b.packed_seq_params  # global bounds travel unchanged
-    padded = collate_padded([A, B], pad_id=0, multiple=4)  # [2, 4], mask [2, 1, 4, 4]
-    r1 = context_parallel_slice(padded, 2, 1)
-    assert r1.input_ids.tolist() == [[11, 12], [21, 22]]
-    assert r1.attention_mask.shape == (2, 1, 2, 4)  # local queries, every key
-    assert torch.equal(r1.attention_mask, padded.attention_mask[:, :, 1:3, :])
-    assert context_parallel_slice(padded, 1, 0) is padded
 
 
 def test_padding_free_shift_and_boundaries():

@@ -22,7 +22,7 @@ def test_perturbed_weight_fails_check(tiny_model_dir):
     model = HFModel.from_config(load_hf_config(src), 128, 1)
     init_distributed(parallel)
     try:
-        config = transformer_config(model.config, model.family, parallel, torch.float32,
+        config = transformer_config(model.config, model.family, parallel.sizes(), torch.float32,
                                     perform_initialization=False)
         chunk = build_gpt_model(model.config, config, padded_vocab=model.dims.padded_vocab_size)
         load_hf_weights([chunk], model.family, model.config, HFReader(src), model.dims)

@@ -35,17 +35,22 @@ def dataset():
     return str(fetch_llamafactory_data() / "alpaca_en_demo.json") + "#48"
 
 
+# 6 of the 48 rows are held out and evaluated after iteration ITERS (every rank reads them all
+# whatever the layout: 10 eval micro-batches of 2 cover them), so eval_loss is a parity figure too.
+EVAL = ["--split_dataset_ratio", "0.125", "--eval_interval", str(ITERS)]
+
+
 def _sft_args(model_dir, dataset, save, iters=ITERS, *extra):
     return ["sft", "--model", str(model_dir), "--dataset", dataset, "--save", str(save),
             "--train_iters", str(iters), "--global_batch_size", "8", "--micro_batch_size", "2",
-            "--lr", "1e-4", "--max_length", "512", "--add_version", "false", *extra]
+            "--lr", "1e-4", "--max_length", "512", "--add_version", "false", *EVAL, *extra]
 
 
 _losses = logged
 
 
 def _assert_parity(got: Path, ref: dict[str, dict[int, float]]) -> None:
-    """Losses and gradient norms (what clipping uses) equal the reference's, rel <= RTOL."""
+    """Losses, gradient norms (what clipping uses) and evaluation losses equal the reference's, rel <= RTOL."""
     for key, want in ref.items():
         have = _losses(got, key)
         assert sorted(have) == sorted(want), (key, sorted(have))
@@ -60,7 +65,9 @@ _ok = ok
 def reference(model_dir, dataset, tmp_path_factory):
     save = tmp_path_factory.mktemp("ref") / "run"
     _ok(run_megatron(_sft_args(model_dir, dataset, save)))
-    return {"loss": _losses(save), "grad_norm": _losses(save, "grad_norm")}
+    evals = _losses(save, "eval_loss")
+    assert sorted(evals) == [ITERS] and evals[ITERS] < _losses(save)[1], evals  # evaluated, and learnt
+    return {"loss": _losses(save), "grad_norm": _losses(save, "grad_norm"), "eval_loss": evals}
 
 
 # SGD is not scale-invariant as Adam nearly is: a wrong gradient norm (and so a wrong clip factor)

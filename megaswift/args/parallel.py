@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-
-def pad_multiple(tp: int, sequence_parallel: bool, cp: int) -> int:
-    """The multiple a micro-batch's token count (sequence dim) must be padded to.
-
-    Context parallel cuts the sequence into ``2 * cp`` chunks (load-balanced causal halves), and
-    sequence parallel splits each CP rank's ``s / cp`` tokens over the ``tp`` ranks: the lcm of
-    ``2 * cp`` and ``tp * cp``. Neither: 1.
-    """
-    m = 1
-    if sequence_parallel and tp > 1:
-        m = math.lcm(m, tp * cp)
-    if cp > 1:
-        m = math.lcm(m, 2 * cp)
-    return m
+from megaswift.context_parallel import pad_multiple
 
 
 class LayoutError(ValueError):
@@ -60,6 +46,17 @@ class ParallelArgs:
     def sequence_multiple(self) -> int:
         """What every micro-batch's sequence length must be a multiple of (:func:`pad_multiple`)."""
         return pad_multiple(self.tensor_model_parallel_size, self.sequence_parallel, self.context_parallel_size)
+
+    def sizes(self):
+        """The layout as plain sizes (`megaswift.model.config.ParallelSizes`), for the model config."""
+        from megaswift.model.config import ParallelSizes  # megatron-core loads only when a model is built
+
+        return ParallelSizes(
+            tp=self.tensor_model_parallel_size, pp=self.pipeline_model_parallel_size,
+            vpp=self.virtual_pipeline_model_parallel_size, cp=self.context_parallel_size,
+            ep=self.expert_model_parallel_size, etp=self.expert_tensor_parallel_size,
+            sp=self.sequence_parallel, first_stage_layers=self.decoder_first_pipeline_num_layers,
+            last_stage_layers=self.decoder_last_pipeline_num_layers)
 
     def data_parallel_size(self, world_size: int) -> int:
         self.validate_world_size(world_size)

@@ -1,7 +1,8 @@
-"""`megatron sft`: supervised fine-tuning (assistant tokens trained)."""
+"""`megatron sft`: supervised fine-tuning (the template's trained tokens, assistant turns by default)."""
 
-from megaswift.training.trainer import run as _run
+from megaswift.args.job import parse_job
+from megaswift.training.trainer import train
 
 
 def run(argv: list[str]) -> int:
-    return _run(argv, mode="sft")
+    return train(parse_job(argv, "sft"))

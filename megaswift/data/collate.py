@@ -14,62 +14,16 @@ with them) and ``loss_mask`` is 1.0 exactly where the shifted target was not ``-
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from megaswift.args.parallel import pad_multiple
-from megaswift.kernels.attention import load_balanced_indices
+from megaswift.batch import TrainBatch
+from megaswift.context_parallel import round_up, sample_multiple
+from megaswift.data.template import IGNORE_INDEX
 
-IGNORE_INDEX = -100
-
-__all__ = ["IGNORE_INDEX", "TrainBatch", "pad_multiple", "round_up", "split_samples", "shift_labels",
-           "collate_padding_free", "collate_padded", "context_parallel_slice"]
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-@dataclass
-class TrainBatch:
-    """One micro-batch as the GPTModel consumes it.
-
-    ``labels`` are next-token targets (already shifted, ignored positions set to 0),
-    ``loss_mask`` is 1.0 where a target is trained. Padding-free batches have ``b == 1``,
-    ``attention_mask`` None and ``packed_seq_params`` (THD); padded batches the reverse.
-    ``num_real_tokens`` counts the samples' tokens, ``num_padded_tokens`` the padding tokens
-    added on top (so ``num_real_tokens + num_padded_tokens == b * s``).
-    """
-    input_ids: torch.Tensor                      # [b, s] long
-    labels: torch.Tensor                         # [b, s] long
-    loss_mask: torch.Tensor                      # [b, s] float
-    position_ids: torch.Tensor                   # [b, s] long
-    attention_mask: Optional[torch.Tensor]       # bool [b, 1, s, s], True = masked out
-    packed_seq_params: Optional[PackedSeqParams]
-    num_real_tokens: int
-    num_padded_tokens: int
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens in the batch, padding included (``b * s``)."""
-        return self.input_ids.numel()
-
-    def to(self, device) -> "TrainBatch":
-        """A copy with every tensor on ``device`` (cu_seqlens stay int32)."""
-        p = self.packed_seq_params
-        if p is not None:
-            move = lambda x: x.to(device) if x is not None else None  # noqa: E731
-            p = dataclasses.replace(p, cu_seqlens_q=move(p.cu_seqlens_q), cu_seqlens_kv=move(p.cu_seqlens_kv),
-                                    cu_seqlens_q_padded=move(p.cu_seqlens_q_padded),
-                                    cu_seqlens_kv_padded=move(p.cu_seqlens_kv_padded))
-        mask = self.attention_mask.to(device) if self.attention_mask is not None else None
-        return TrainBatch(self.input_ids.to(device), self.labels.to(device),
-                          self.loss_mask.to(device), self.position_ids.to(device), mask, p,
-                          self.num_real_tokens, self.num_padded_tokens)
+__all__ = ["TrainBatch", "split_samples", "shift_labels", "collate_padding_free", "collate_padded"]
 
 
 def split_samples(samples: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
@@ -126,7 +80,7 @@ def collate_padding_free(samples: Sequence[dict], *, pad_id: int, multiple: int,
         raise ValueError(f"pad multiple {multiple} must be a multiple of 2 x cp = {2 * cp}")
     parts = split_samples(samples)
     lengths = [len(ids) for ids, _ in parts]
-    padded = [round_up(n, 2 * cp) for n in lengths] if cp > 1 else lengths
+    padded = [round_up(n, sample_multiple(cp)) for n in lengths]
     real = sum(lengths)
     total = round_up(sum(padded), multiple)
     if length is not None:
@@ -156,32 +110,6 @@ def collate_padding_free(samples: Sequence[dict], *, pad_id: int, multiple: int,
                       loss_mask=loss_mask, position_ids=torch.tensor([positions], dtype=torch.long),
                       attention_mask=None, packed_seq_params=params,
                       num_real_tokens=real, num_padded_tokens=total - real)
-
-
-def context_parallel_slice(batch: TrainBatch, cp_size: int, cp_rank: int) -> TrainBatch:
-    """The tokens context-parallel rank ``cp_rank`` computes (megatron's load-balanced split).
-
-    Padded batches: the sequence dim is cut into ``2 * cp`` chunks and the rank keeps chunks
-    ``cp_rank`` and ``2 * cp - 1 - cp_rank``; the attention mask keeps those query rows and every
-    key column. THD batches: the same per sample, by ``cu_seqlens_q_padded``. ``packed_seq_params``
-    keeps the global bounds (attention and RoPE work out the local layout from them).
-    ``num_real_tokens`` / ``num_padded_tokens`` still describe the whole micro-batch.
-    """
-    if cp_size == 1:
-        return batch
-    p = batch.packed_seq_params
-    if p is not None:
-        cu = p.cu_seqlens_q_padded if p.cu_seqlens_q_padded is not None else p.cu_seqlens_q
-        lens = (cu[1:] - cu[:-1]).tolist()
-    else:
-        lens = [batch.input_ids.shape[1]]
-    idx = load_balanced_indices(lens, cp_size, cp_rank).to(batch.input_ids.device)
-    pick = lambda x: x.index_select(1, idx)  # noqa: E731
-    mask = batch.attention_mask
-    if mask is not None:
-        mask = mask.index_select(2, idx) if mask.shape[2] > 1 else mask
-    return TrainBatch(pick(batch.input_ids), pick(batch.labels), pick(batch.loss_mask),
-                      pick(batch.position_ids), mask, p, batch.num_real_tokens, batch.num_padded_tokens)
 
 
 def collate_padded(samples: Sequence[dict], *, pad_id: int, multiple: int) -> TrainBatch:

@@ -1,6 +1,7 @@
 """Core attention (softmax(q k^T * scale) v): plain-torch reference, SDPA-based fused version.
 
-Pure torch, no megatron import. Two layouts, both as megatron-core hands them to core attention:
+Pure torch, no megatron import (the context-parallel layout comes from
+``megaswift.context_parallel``). Two layouts, both as megatron-core hands them to core attention:
 
 * ``sbhd`` (no ``cu_seqlens``): q ``[s, b, hq, d]``, k/v ``[s, b, hkv, d]``; returns ``[s, b, hq*d]``.
 * ``thd`` (``cu_seqlens`` given, packed samples): q ``[t, hq, d]``, k/v ``[t, hkv, d]``;
@@ -26,7 +27,7 @@ Context parallel (``cp_group`` of ``cp`` ranks), megatron's load-balanced layout
 (sbhd: the whole sequence dim; thd: each ``cu_seqlens`` segment, which must then be the
 *padded* bounds, every segment a multiple of ``2 * cp``, ``cu_seqlens[-1] == cp * t``) is cut into
 ``2 * cp`` equal chunks and rank ``r`` holds chunks ``r`` and ``2 * cp - 1 - r``, concatenated, in
-q, k and v (what :func:`load_balanced_indices` selects). K/V are all-gathered over the group
+q, k and v (``megaswift/context_parallel.py`` holds the layout). K/V are all-gathered over the group
 (backward: reduce-scattered), so each query chunk sees the keys of its whole sequence; the causal
 mask follows the chunks' global positions, and ``attention_mask`` (sbhd) is ``[b, 1, local sq,
 global sk]``. Outputs keep the local layout. Each rank does the same work (the two chunks of a
@@ -45,7 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["reference", "fused", "attention", "load_balanced_indices", "KERNELS"]
+from megaswift.context_parallel import gather_kv, query_chunks
+
+__all__ = ["reference", "fused", "attention", "KERNELS"]
 
 KERNELS = ("fused", "reference")
 
@@ -59,47 +62,6 @@ def _cp_size_rank(cp_group) -> tuple[int, int]:
     if cp_group is None:
         return 1, 0
     return torch.distributed.get_world_size(cp_group), torch.distributed.get_rank(cp_group)
-
-
-def load_balanced_indices(seq_lens: list[int], cp_size: int, cp_rank: int) -> Tensor:
-    """Token indices rank ``cp_rank`` holds of sequences laid end to end with these lengths.
-
-    Each length must be a multiple of ``2 * cp_size``; sequence ``i`` is cut into ``2 * cp_size``
-    chunks and the rank keeps chunks ``cp_rank`` and ``2 * cp_size - 1 - cp_rank`` (in that
-    order): the first has the least causal work, the second the most, so ranks stay balanced.
-    """
-    pieces, start = [], 0
-    for n in seq_lens:
-        if n % (2 * cp_size):
-            raise ValueError(f"context parallel: sequence length {n} is not a multiple of "
-                             f"2 x context-parallel size = {2 * cp_size}")
-        c = n // (2 * cp_size)
-        for chunk in (cp_rank, 2 * cp_size - 1 - cp_rank):
-            pieces.append(torch.arange(start + chunk * c, start + (chunk + 1) * c))
-        start += n
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
-
-
-class _GatherOverCP(torch.autograd.Function):
-    """All-gather along a new leading dim ``[cp, *x.shape]``; backward sums the gradients of
-    every rank's copy and hands each rank its own slice (reduce-scatter)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group) -> Tensor:
-        ctx.group = group
-        world = torch.distributed.get_world_size(group)
-        x = x.contiguous()
-        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-        torch.distributed.all_gather_into_tensor(out, x, group=group)
-        return out.view(world, *x.shape)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        world = grad.shape[0]
-        grad = grad.contiguous().view(world * grad.shape[1], *grad.shape[2:])
-        out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
-        torch.distributed.reduce_scatter_tensor(out, grad, group=ctx.group)
-        return out, None
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens, attention_mask) -> None:
@@ -332,31 +294,22 @@ def _context_parallel(impl, q, k, v, cu_seqlens, attention_mask, causal, softmax
     else:
         bounds = [0, cp * t_local]
     lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    # K/V of every rank, put back into global token order: rank r's tokens sit at the positions
-    # load_balanced_indices(.., r) names (it also checks every length is a multiple of 2 x cp)
-    owner = torch.cat([load_balanced_indices(lens, cp, r) for r in range(cp)]).to(q.device)
-    kv = _GatherOverCP.apply(torch.stack([k, v], dim=1), cp_group)  # [cp, t_local, 2, ...]
-    kv = kv.reshape(cp * t_local, *kv.shape[2:]).index_select(0, torch.argsort(owner))
+    kv = gather_kv(k, v, lens, cp_group)  # also checks every length is a multiple of 2 x cp
     kw = dict(causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p)
     outs = []
-    for start, n in zip(bounds, lens):
-        if n == 0:
-            continue
-        c = n // (2 * cp)
-        for half, chunk in enumerate((rank, 2 * cp - 1 - rank)):
-            rows = slice(start // cp + half * c, start // cp + (half + 1) * c)  # local query rows
-            keys = kv[start:start + ((chunk + 1) * c if causal else n)]        # global prefix
-            qb, kb, vb = q[rows], keys[:, 0], keys[:, 1]
-            if cu_seqlens is not None:  # one sequence: sbhd with b = 1
-                out = impl(qb.unsqueeze(1), kb.unsqueeze(1), vb.unsqueeze(1), **kw).squeeze(1)
-            else:
-                mask = None
-                if attention_mask is not None:
-                    m = _bool_mask(attention_mask)
-                    m = m.expand(*m.shape[:-2], t_local, m.shape[-1]) if m.shape[-2] == 1 else m
-                    mask = m[..., rows, :keys.shape[0]]
-                out = impl(qb, kb, vb, attention_mask=mask, **kw)
-            outs.append(out)
+    for rows, key_range in query_chunks(lens, cp, rank, causal):
+        keys = kv[key_range]
+        qb, kb, vb = q[rows], keys[:, 0], keys[:, 1]
+        if cu_seqlens is not None:  # one sequence: sbhd with b = 1
+            out = impl(qb.unsqueeze(1), kb.unsqueeze(1), vb.unsqueeze(1), **kw).squeeze(1)
+        else:
+            mask = None
+            if attention_mask is not None:
+                m = _bool_mask(attention_mask)
+                m = m.expand(*m.shape[:-2], t_local, m.shape[-1]) if m.shape[-2] == 1 else m
+                mask = m[..., rows, :keys.shape[0]]
+            out = impl(qb, kb, vb, attention_mask=mask, **kw)
+        outs.append(out)
     return torch.cat(outs, dim=0)
 
 

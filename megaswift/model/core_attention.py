@@ -54,7 +54,7 @@ class CoreAttention(MegatronModule):
     with ``attention_mask`` when one is given. Fully-masked query rows give zeros.
 
     Context parallel (``pg_collection.cp`` of more than one rank): inputs hold this rank's
-    load-balanced chunks (:func:`megaswift.data.collate.context_parallel_slice`); K/V are
+    load-balanced chunks (:func:`megaswift.context_parallel.slice_batch`); K/V are
     gathered over the group. Packed batches then use ``cu_seqlens_q_padded`` (each sample padded
     to a multiple of ``2 * cp``); ``attention_mask`` is ``[b, 1, local sq, global sk]``.
     """

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megaswift.data.collate import TrainBatch
+from megaswift.batch import TrainBatch
 
 
 @torch.no_grad()

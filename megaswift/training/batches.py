@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from megaswift.data.collate import IGNORE_INDEX
+from megaswift.data.template import IGNORE_INDEX
 
 # Stands in for a micro-batch whose every row was dropped on access: no loss, no trained token.
 EMPTY_SAMPLE = {"input_ids": [0], "labels": [IGNORE_INDEX]}

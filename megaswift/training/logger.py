@@ -74,18 +74,18 @@ class TrainLogger:
                 if isinstance(v, (int, float)) and k != "iteration":
                     self.tb.add_scalar(f"train/{k}", v, iteration)
 
-    def log_eval(self, iteration: int, loss: float) -> None:
+    def log_eval(self, iteration: int, metrics: dict) -> None:
+        """The method's evaluation figures, logged as ``eval_<name>``."""
         if not self.writer:
             return
-        import math
-
-        record = {"iteration": iteration, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
-        print(f"[eval @ {iteration}] loss {loss:.4f} ppl {record['eval_ppl']:.3f}", file=sys.stderr, flush=True)
+        record = {"iteration": iteration, **{f"eval_{k}": v for k, v in metrics.items()}}
+        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        print(f"[eval @ {iteration}] {shown}", file=sys.stderr, flush=True)
         if self.jsonl:
             self.jsonl.write(json.dumps(record) + "\n")
         if self.tb:
-            self.tb.add_scalar("eval/loss", loss, iteration)
-            self.tb.add_scalar("eval/ppl", record["eval_ppl"], iteration)
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"eval/{k}", v, iteration)
 
     def close(self) -> None:
         if self.jsonl:

@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 from megaswift.checkpointing import load_models
 from megaswift.converters.convert import load_hf_weights
 from megaswift.converters.hf_io import HFReader
-from megaswift.data.collate import collate_padded, collate_padding_free, round_up
+from megaswift.context_parallel import padded_length, round_up
 from megaswift.data.pipeline import is_stream
 from megaswift.logging_utils import log
 from megaswift.runtime.context import current as current_runtime
@@ -23,6 +23,7 @@ from megaswift.training.batches import (EMPTY_SAMPLE, GlobalBatchSampler, Indexe
                                      train_iters_for_epochs)
 from megaswift.training.logger import TrainLogger
 from megaswift.training.setup import build_model, wrap_and_optimize
+from megaswift.training.method import LanguageModeling, TrainingMethod
 from megaswift.training.step import eval_step, train_step
 
 
@@ -50,21 +51,20 @@ def fixed_shape(job, datasets=()) -> tuple[int, int] | None:
                              "longest packed row up front: drop --streaming, or pack ahead of time")
         for ds in datasets:
             if ds is not None and "lengths" in (getattr(ds, "column_names", None) or ()):
-                longest = max(sum(round_up(n, 2 * cp) for n in row) for row in ds["lengths"])
+                longest = max(padded_length(row, cp) for row in ds["lengths"])
                 length = max(length, round_up(longest, job.parallel.sequence_multiple))
     return (mbs * length, 1)
 
 
-def _collate(job, tokenizer, fixed):
+def training_method(job, tokenizer, fixed) -> TrainingMethod:
+    """The method `megatron pt/sft` trains with: language modelling on this run's batch layout."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     multiple = job.parallel.sequence_multiple
     if fixed is not None and fixed[0] % multiple:
         raise ValueError(f"fixed micro-batch length {fixed[0]} must be a multiple of {multiple} "
                          "(TP with sequence parallel / 2 x CP): adjust --max_length")
-    if job.data.padding_free:
-        return partial(collate_padding_free, pad_id=pad_id, multiple=multiple,
-                       cp=job.parallel.context_parallel_size, length=fixed[0] if fixed else None)
-    return partial(collate_padded, pad_id=pad_id, multiple=fixed[0] if fixed else multiple)
+    return LanguageModeling(pad_id=pad_id, padding_free=job.data.padding_free, multiple=multiple,
+                            cp=job.parallel.context_parallel_size, length=fixed[0] if fixed else None)
 
 
 def _sample_lengths(ds) -> list[int] | None:
@@ -150,7 +150,7 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
     if resume:
         start = load_training_state(Path(job.model.load).expanduser(), chunks, optimizer, scheduler)
         log(f"resumed from {job.model.load} at iteration {start}")
-    collate = _collate(job, tokenizer, fixed)
+    method = training_method(job, tokenizer, fixed)
     if val_ds is not None and t.eval_interval:
         val_ds = _eval_rows(val_ds, t, dp_size)
     writer = dist.get_rank() == dist.get_world_size() - 1   # on the last stage, holds the loss
@@ -169,8 +169,9 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
                                         save_optim=not t.no_save_optim, save_rng=not t.no_save_rng)
                     log(f"saved iteration {it} to {save_root}")
                 break
-            batches = [step.collated(collate) for _ in model]
-            metrics = train_step(model, optimizer, scheduler, batches, sampler.num_microbatches, config)
+            batches = [step.collated(method.collate) for _ in model]
+            metrics = train_step(model, optimizer, scheduler, batches, sampler.num_microbatches, config,
+                                 method, fixed)
             it += 1
             real = _real_tokens(step)
             logger.step(real)
@@ -179,7 +180,7 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
                     metrics["tflops_per_device"] = 6 * n_params * real / 1e12 / dist.get_world_size()
                 logger.log(it, {**metrics, "consumed_samples": it * t.global_batch_size}, start)
             if val_ds is not None and t.eval_interval and it % t.eval_interval == 0:
-                logger.log_eval(it, _evaluate(model, val_ds, collate, t, config, dp_rank, dp_size))
+                logger.log_eval(it, _evaluate(model, val_ds, method, fixed, t, config, dp_rank, dp_size))
             should_stop = _agree(stop["flag"])
             if save_root is not None and (should_stop or it == iters or (t.save_interval and it % t.save_interval == 0)):
                 save_training_state(save_root, it, chunks, optimizer, scheduler,
@@ -200,16 +201,16 @@ def _agree(flag: bool) -> bool:
     return bool(t.item())
 
 
-def _evaluate(model, val_ds, collate, t, config, dp_rank, dp_size) -> float:
+def _evaluate(model, val_ds, method, fixed, t, config, dp_rank, dp_size) -> dict:
     groups = eval_batches(val_ds, t.micro_batch_size, dp_rank, dp_size, t.eval_iters)
     if not groups:
-        return float("nan")
+        return {"loss": float("nan")}
 
     def batches():
         for g in groups:
-            yield collate([s for s in (val_ds[i] for i in g) if s is not None] or [EMPTY_SAMPLE])
+            yield method.collate([s for s in (val_ds[i] for i in g) if s is not None] or [EMPTY_SAMPLE])
 
-    return eval_step(model, [batches() for _ in model], len(groups), config)
+    return eval_step(model, [batches() for _ in model], len(groups), config, method, fixed)
 
 
 def _count_params(chunks) -> int:

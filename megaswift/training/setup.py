@@ -50,7 +50,7 @@ def build_model(hf: HFModel, parallel: ParallelArgs, dtype: torch.dtype, train: 
     shapes are exchanged between pipeline stages per micro-batch.
     """
     config = transformer_config(
-        hf.config, hf.family, parallel, dtype,
+        hf.config, hf.family, parallel.sizes(), dtype,
         perform_initialization=False,   # weights always come from an HF or MCore checkpoint
         calculate_per_token_loss=train.calculate_per_token_loss,
         variable_seq_lengths=fixed_shape is None,  # padding-free batches differ in length
@@ -61,7 +61,6 @@ def build_model(hf: HFModel, parallel: ParallelArgs, dtype: torch.dtype, train: 
     tensor_parallel.model_parallel_cuda_manual_seed(train.seed)
     vpp = parallel.virtual_pipeline_model_parallel_size
     stages = range(vpp) if vpp else [None]
-    config.fixed_shape = fixed_shape  # read by the schedule call in step.py
     chunks = [build_gpt_model(hf.config, config, padded_vocab=hf.dims.padded_vocab_size, vp_stage=v)
               for v in stages]
     return chunks, config

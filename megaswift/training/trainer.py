@@ -1,4 +1,4 @@
-"""`megatron sft` / `megatron pt`: one training loop; the two differ only in data defaults.
+"""The training run behind `megatron sft` / `megatron pt` (their commands parse the flags into a `Job`).
 
 Order of work: parse and check every flag, resolve the model and the layout (errors name flags)
 -> start the process groups -> tokenise (rank 0 first, the others reuse its cache) -> build the
@@ -11,7 +11,6 @@ saved anything removes the run directory it made.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import re
 import shutil
@@ -19,62 +18,19 @@ import signal
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
-from megaswift.args.data import DataArgs
-from megaswift.args.parallel import ParallelArgs
-from megaswift.args.parser import parse
-from megaswift.args.runtime import RuntimeArgs
-from megaswift.args.train import ModelArgs, TrainArgs
-from megaswift.checkpointing import ARGS, HF_CONFIG, TRACKER, read_args
+from megaswift.args.job import Job
+from megaswift.args.train import TrainArgs
+from megaswift.checkpointing import ARGS, HF_CONFIG, TRACKER, CheckpointRecord
 from megaswift.converters.hf_io import CheckpointError, HFReader
 from megaswift.logging_utils import log
 from megaswift.model.config import check_sliding_window, num_kv_heads
-from megaswift.model.hf import (HFModel, config_dtype, copy_side_files, dtype_name, load_hf_config,
-                                parse_dtype, resolve_model_dir)
+from megaswift.model.hf import copy_side_files, dtype_name
+from megaswift.model.source import resolve_source
 from megaswift.runtime.context import resolve as resolve_runtime
 from megaswift.runtime.distributed import barrier, destroy_distributed, init_distributed, is_rank0
 from megaswift.runtime.save_dir import check_save
-
-
-@dataclasses.dataclass
-class Job:
-    model: ModelArgs
-    parallel: ParallelArgs
-    data: DataArgs
-    train: TrainArgs
-    mode: str
-    runtime: RuntimeArgs
-
-
-def parse_job(argv: list[str], mode: str) -> Job:
-    model, parallel, data, train, runtime = parse((ModelArgs, ParallelArgs, DataArgs, TrainArgs, RuntimeArgs),
-                                                  argv, prog=f"megatron {mode}")
-    if mode == "pt":  # pretraining: plain text, every token trained (as Megatron-SWIFT's pt)
-        data.template = data.template or "default"
-        data.loss_scale = "all" if data.loss_scale == "default" else data.loss_scale
-    if not data.dataset and not data.cached_dataset:
-        raise ValueError("pass --dataset <files> or --cached_dataset <dir>")
-    return Job(model, parallel, data, train, mode, runtime)
-
-
-def _hf_source(job: Job):
-    """(dir holding config + tokenizer, HF config, checkpoint record or {})."""
-    if job.model.model:
-        src = resolve_model_dir(job.model.model)
-        return src, load_hf_config(src, job.model.trust_remote_code), {}
-    root = Path(job.model.load).expanduser()
-    record = read_args(root)
-    return root / HF_CONFIG, load_hf_config(root / HF_CONFIG, job.model.trust_remote_code), record
-
-
-def _dtype(job: Job, hf_config, record: dict) -> torch.dtype:
-    if job.model.bf16:
-        return torch.bfloat16
-    if job.model.fp16:
-        return torch.float16
-    return parse_dtype(job.model.torch_dtype, parse_dtype(record.get("torch_dtype"), config_dtype(hf_config)))
 
 
 def _save_root(train: TrainArgs) -> Path | None:
@@ -190,21 +146,20 @@ def _foreign_checkpoint(job: Job, error: BaseException) -> CheckpointError | Non
         f"checkpoint of this model, or give that checkpoint back its own {ARGS} and {HF_CONFIG}/")
 
 
-def run(argv: list[str], mode: str) -> int:
+def train(job: Job) -> int:
+    """Run the training job `megatron pt` / `megatron sft` parsed (module docstring: order of work)."""
     from transformers import AutoTokenizer
 
-    job = parse_job(argv, mode)
     _check_save(job)
-    src, hf_config, record = _hf_source(job)
+    source = resolve_source(job.model.model, job.model.load, job.model.trust_remote_code)
+    src, hf_config = source.dir, source.hf_config
     job.parallel.validate_model(num_layers=hf_config.num_hidden_layers,
                                 num_attention_heads=hf_config.num_attention_heads,
                                 num_query_groups=num_kv_heads(hf_config))
-    hf = HFModel.from_config(hf_config, record.get("make_vocab_size_divisible_by",
-                                                   job.model.make_vocab_size_divisible_by),
-                             job.parallel.tensor_model_parallel_size, record.get("padded_vocab_size"))
-    if job.model.model:
+    hf = source.model(job.model.make_vocab_size_divisible_by, job.parallel.tensor_model_parallel_size)
+    if not source.is_checkpoint:
         HFReader(src).close()  # reads the safetensors headers: a truncated or corrupt file fails here
-    dtype = _dtype(job, hf_config, record)
+    dtype = source.dtype(job.model.torch_dtype, bf16=job.model.bf16, fp16=job.model.fp16)
     tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=job.model.trust_remote_code)
     budget = job.data.resolved_packing_length if job.data.packing else job.data.max_length
     job.parallel.validate_sequence_budget(budget)
@@ -221,14 +176,14 @@ def run(argv: list[str], mode: str) -> int:
             if save_root is not None and is_rank0():
                 save_root.mkdir(parents=True, exist_ok=True)
                 copy_side_files(src, save_root / HF_CONFIG)
-                (save_root / ARGS).write_text(json.dumps({
-                    "megaswift_checkpoint": 1, "family": hf.family.name, "torch_dtype": dtype_name(dtype),
-                    "padded_vocab_size": hf.dims.padded_vocab_size,
-                    "make_vocab_size_divisible_by": record.get("make_vocab_size_divisible_by",
-                                                               job.model.make_vocab_size_divisible_by),
-                    "mode": mode, **{k: dataclasses.asdict(v) for k, v in (
-                        ("model_args", job.model), ("parallel", job.parallel), ("data", job.data),
-                        ("train", job.train), ("runtime", job.runtime))}}, indent=2, default=str) + "\n")
+                CheckpointRecord(
+                    family=hf.family.name, torch_dtype=dtype_name(dtype),
+                    padded_vocab_size=hf.dims.padded_vocab_size,
+                    make_vocab_size_divisible_by=source.make_vocab_size_divisible_by(
+                        job.model.make_vocab_size_divisible_by),
+                    saved_with=CheckpointRecord.layout(job.parallel.tensor_model_parallel_size,
+                                                      job.parallel.pipeline_model_parallel_size), source_model=job.model.model,
+                    flags=job.as_record()).write(save_root)
             with _stop_on_signals() as stop:
                 train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root, stop)
         except BaseException as e:
