@@ -20,10 +20,10 @@ from megaswift.args.parser import parse
 from megaswift.args.runtime import RuntimeArgs
 from megaswift.checkpointing import HF_CONFIG, CheckpointRecord, load_models, save_models
 from megaswift.converters.convert import load_hf_weights
-from megaswift.converters.hf_io import HFReader
+from megaswift.converters.hf_io import HFReader, copy_side_files
 from megaswift.logging_utils import log
 from megaswift.model.config import num_kv_heads
-from megaswift.model.hf import HFModel, copy_side_files, dtype_name, resolve_model_dir
+from megaswift.model.hf import HFModel, dtype_name, resolve_model_dir
 from megaswift.model.source import Source, resolve_source
 from megaswift.runtime.context import resolve as resolve_runtime
 from megaswift.runtime.distributed import destroy_distributed, init_distributed, is_rank0

@@ -12,8 +12,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megaswift.converters.convert import export_hf_tensors
-from megaswift.converters.hf_io import ShardedWriter, finish_shards, parse_size
-from megaswift.model.hf import copy_side_files, dtype_name
+from megaswift.converters.hf_io import ShardedWriter, copy_side_files, finish_shards, parse_size
 
 
 def write_hf_folder(chunks: list, family, hf_config, dims, dtype: torch.dtype, out: Path, side_files: Path,
@@ -40,5 +39,5 @@ def write_hf_folder(chunks: list, family, hf_config, dims, dtype: torch.dtype, o
 def set_config_dtype(path: Path, dtype: torch.dtype) -> None:
     cfg = json.loads(path.read_text())
     key = "dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"
-    cfg[key] = dtype_name(dtype)
+    cfg[key] = str(dtype).removeprefix("torch.")  # transformers' spelling: "bfloat16"
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -1,10 +1,11 @@
-"""Reading and writing HF safetensors folders: lazy per-tensor reads, sharded atomic writes."""
+"""Reading and writing HF folders: lazy per-tensor safetensors reads, sharded atomic writes, side files."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -121,3 +122,18 @@ def finish_shards(out_dir: Path, files: list[tuple[str, dict[str, int]]]) -> Non
             total += b
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy config, generation config, tokenizer and chat template files (never weights)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if (f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.startswith(".")
+                and not f.name.endswith(".index.json")):
+            target = dst / f.name
+            if target.exists() and os.path.samefile(f, target):
+                continue  # `--load X --save X` resumes into its own directory: already there
+            shutil.copy2(f, target)

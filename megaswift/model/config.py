@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
+from megaswift.model.rope import yarn_scaling_factor
 from megaswift.runtime.context import current as current_runtime
+
+
+@dataclass
+class YarnTransformerConfig(TransformerConfig):
+    """A TransformerConfig that declares YaRN's scaling factor: megatron-core's attention scales
+    softmax by YaRN's concentration factor when its config has this field (as MLATransformerConfig)."""
+    yarn_rotary_scaling_factor: float = 1.0
 
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu,
                 "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -117,4 +125,7 @@ def transformer_config(hf_config, family, sizes: ParallelSizes, params_dtype: to
         kwargs["attention_backend"] = AttnBackend[runtime.attention_backend]
     kwargs.update(family.config_fields(hf_config))
     kwargs.update(overrides)
+    yarn = yarn_scaling_factor(hf_config, kwargs["kv_channels"])
+    if yarn is not None:
+        return YarnTransformerConfig(yarn_rotary_scaling_factor=yarn, **kwargs)
     return TransformerConfig(**kwargs)

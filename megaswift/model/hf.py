@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +13,6 @@ from megaswift.converters.mappings import ModelDims
 from megaswift.model.builder import padded_vocab_size
 from megaswift.model.config import head_dim, num_kv_heads
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -101,15 +98,3 @@ class HFModel:
             padded_vocab_size=padded_vocab,
         )
         return cls(hf_config, family, dims)
-
-
-def copy_side_files(src: Path, dst: Path) -> None:
-    """Copy config, generation config, tokenizer and chat template files (never weights)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in sorted(src.iterdir()):
-        if (f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.startswith(".")
-                and not f.name.endswith(".index.json")):
-            target = dst / f.name
-            if target.exists() and os.path.samefile(f, target):
-                continue  # `--load X --save X` resumes into its own directory: already there
-            shutil.copy2(f, target)

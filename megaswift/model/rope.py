@@ -4,8 +4,8 @@ megatron-core's `RotaryEmbedding` only knows the default frequencies, linear int
 llama3 variant with fixed constants. transformers is the reference implementation of each family,
 so the inverse frequencies are computed with its `ROPE_INIT_FUNCTIONS` (llama3, linear, yarn,
 dynamic at its base length, longrope...) and written into megatron's module. YaRN's attention
-factor scales cos/sin; megatron's attention applies it when the config carries
-`yarn_rotary_scaling_factor`, which is set here and only here.
+factor scales cos/sin; megatron's attention applies it when the config declares
+`yarn_rotary_scaling_factor` (:func:`yarn_scaling_factor`, used by model/config.py).
 """
 
 from __future__ import annotations
@@ -42,18 +42,29 @@ def inv_freq_and_attention_factor(hf_config, head_dim: int) -> tuple[torch.Tenso
     return inv_freq.float(), float(attention_factor)
 
 
+def yarn_scaling_factor(hf_config, head_dim: int) -> float | None:
+    """YaRN's scaling factor when transformers scales attention for `hf_config` (None otherwise).
+
+    megatron-core's attention applies YaRN's default factor ``0.1 * ln(factor) + 1`` when its config
+    declares ``yarn_rotary_scaling_factor`` (model/config.py builds such a config); any other
+    attention factor is refused.
+    """
+    _, attention_factor = inv_freq_and_attention_factor(hf_config, head_dim)
+    if math.isclose(attention_factor, 1.0):
+        return None
+    factor = float(rope_parameters(hf_config).get("factor", 1.0))
+    expected = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    if not math.isclose(attention_factor, expected, rel_tol=1e-6):
+        raise ValueError(
+            f"rope attention_factor {attention_factor} differs from YaRN's default "
+            f"0.1*ln({factor})+1; megatron-core applies only the default")
+    return factor
+
+
 def install_rope(model, hf_config, config) -> None:
     """Replace the GPTModel's RoPE frequencies with transformers' for `hf_config`."""
     rotary = getattr(model, "rotary_pos_emb", None)
     if rotary is None:
         return
-    inv_freq, attention_factor = inv_freq_and_attention_factor(hf_config, config.kv_channels)
+    inv_freq, _ = inv_freq_and_attention_factor(hf_config, config.kv_channels)
     rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
-    if not math.isclose(attention_factor, 1.0):
-        factor = float(rope_parameters(hf_config).get("factor", 1.0))
-        expected = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
-        if not math.isclose(attention_factor, expected, rel_tol=1e-6):
-            raise ValueError(
-                f"rope attention_factor {attention_factor} differs from YaRN's default "
-                f"0.1*ln({factor})+1; megatron-core applies only the default")
-        config.yarn_rotary_scaling_factor = factor

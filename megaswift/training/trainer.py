@@ -23,10 +23,10 @@ import torch.distributed as dist
 from megaswift.args.job import Job
 from megaswift.args.train import TrainArgs
 from megaswift.checkpointing import ARGS, HF_CONFIG, TRACKER, CheckpointRecord
-from megaswift.converters.hf_io import CheckpointError, HFReader
+from megaswift.converters.hf_io import CheckpointError, HFReader, copy_side_files
 from megaswift.logging_utils import log
 from megaswift.model.config import check_sliding_window, num_kv_heads
-from megaswift.model.hf import copy_side_files, dtype_name
+from megaswift.model.hf import dtype_name
 from megaswift.model.source import resolve_source
 from megaswift.runtime.context import resolve as resolve_runtime
 from megaswift.runtime.distributed import barrier, destroy_distributed, init_distributed, is_rank0
