@@ -51,6 +51,36 @@ def logged(save: Path, key: str = "loss") -> dict[int, float]:
     return out
 
 
+def run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    """`megatron <args>` in this process, output captured: for runs that must fail before any work.
+
+    The same `main()` the console script runs, without a new interpreter importing megatron-core
+    and transformers again (~10 s per case on CI's CPU). One process, no torchrun.
+    """
+    import contextlib
+    import io
+    import traceback
+    from unittest import mock
+
+    from megaswift import cli
+
+    def no_process_group(*_a, **_k):
+        raise AssertionError("run_cli is for failures before any process group starts; use run_megatron")
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            mock.patch("megaswift.training.trainer.init_distributed", no_process_group), \
+            mock.patch("megaswift.commands.export.init_distributed", no_process_group):
+        try:
+            rc = cli.main(list(args))
+        except SystemExit as e:  # argparse
+            rc = e.code if isinstance(e.code, int) else 1
+        except BaseException:  # noqa: BLE001 - a traceback is what the caller asserts against
+            traceback.print_exc()
+            rc = 1
+    return subprocess.CompletedProcess(["megatron", *args], rc, out.getvalue(), err.getvalue())
+
+
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

@@ -6,11 +6,12 @@ import shutil
 
 from safetensors.torch import load_file, save_file
 
-from conftest import run_megatron
+from conftest import run_cli, run_megatron
 
 
-def _export(src, out, *extra):
-    return run_megatron(["export", "--model", str(src), "--to_mcore", "true", "--save", str(out), *extra])
+def _export(src, out, *extra, run=run_cli):
+    """An export expected to fail; `run_megatron` for failures found during the conversion."""
+    return run(["export", "--model", str(src), "--to_mcore", "true", "--save", str(out), *extra])
 
 
 def _copy(hf, tmp_path):
@@ -33,7 +34,7 @@ def test_unknown_tensor(tiny_model_dir, tmp_path):
     tensors["model.layers.0.mlp.surprise.weight"] = tensors["model.norm.weight"].clone()
     save_file(tensors, weights, metadata={"format": "pt"})
     out = tmp_path / "out"
-    _assert_failed_cleanly(_export(src, out), out, "model.layers.0.mlp.surprise.weight",
+    _assert_failed_cleanly(_export(src, out, run=run_megatron), out, "model.layers.0.mlp.surprise.weight",
                            "no MCore counterpart")
 
 
@@ -43,7 +44,8 @@ def test_missing_tensor(tiny_model_dir, tmp_path):
     del tensors["model.layers.1.self_attn.k_norm.weight"]
     save_file(tensors, weights, metadata={"format": "pt"})
     out = tmp_path / "out"
-    _assert_failed_cleanly(_export(src, out), out, "model.layers.1.self_attn.k_norm.weight", "missing")
+    _assert_failed_cleanly(_export(src, out, run=run_megatron), out, "model.layers.1.self_attn.k_norm.weight",
+                           "missing")
 
 
 def test_tp_does_not_divide_heads(tiny_model_dir, tmp_path):
@@ -78,7 +80,7 @@ def test_output_exists(tiny_model_dir, tmp_path):
 def test_load_without_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
-    proc = run_megatron(["export", "--load", str(tmp_path / "empty"), "--to_hf", "true", "--save", str(out)])
+    proc = run_cli(["export", "--load", str(tmp_path / "empty"), "--to_hf", "true", "--save", str(out)])
     _assert_failed_cleanly(proc, out, "args.json is missing")
 
 
