@@ -30,6 +30,22 @@ def tiny_model_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random llama with SmolLM2's real tokenizer (and chat template): the training tests' model."""
+    from megaswift.assets import fetch_smollm2
+
+    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-tok"), tokenizer_dir=fetch_smollm2())
+
+
+@pytest.fixture(scope="session")
+def dataset():
+    """48 rows of LLaMA-Factory's alpaca demo data."""
+    from megaswift.assets import fetch_llamafactory_data
+
+    return str(fetch_llamafactory_data() / "alpaca_en_demo.json") + "#48"
+
+
 def run_megatron(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the real `megatron` CLI (torchrun underneath when nproc > 1); output captured."""
     env = {**os.environ, "NPROC_PER_NODE": str(nproc), "PYTHONWARNINGS": "ignore"}

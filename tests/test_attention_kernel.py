@@ -273,12 +273,6 @@ def test_context_parallel_matches_one_rank(case, cp, impl_name, tmp_path):
 # ------------------------------------------------------------------------------ CoreAttention
 
 
-def _free_port():
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mpu():
     """A one-process gloo world with megatron's model-parallel groups (tp = pp = cp = 1)."""

@@ -10,13 +10,6 @@ import json
 import pytest
 
 from conftest import run_megatron
-from megaswift.assets import fetch_smollm2
-from tiny_models import make_tiny_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-tok"), tokenizer_dir=fetch_smollm2())
 
 
 def _sft(model_dir, dataset, save, *extra):

@@ -21,20 +21,9 @@ import psutil
 import pytest
 
 from conftest import logged, ok, run_cli, run_megatron
-from megaswift.assets import fetch_llamafactory_data, fetch_smollm2
 from tiny_models import make_tiny_model
 
 TRACKER = "latest_checkpointed_iteration.txt"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-tok"), tokenizer_dir=fetch_smollm2())
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    return str(fetch_llamafactory_data() / "alpaca_en_demo.json") + "#48"
 
 
 def _sft_args(model_dir, dataset, save, iters=2, *extra):

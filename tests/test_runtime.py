@@ -7,9 +7,8 @@ import json
 import pytest
 
 from conftest import run_megatron
-from megaswift.assets import fetch_llamafactory_data, fetch_smollm2
+from megaswift.assets import fetch_llamafactory_data
 from megaswift.runtime.context import resolve
-from tiny_models import make_tiny_model
 
 
 def test_defaults_fall_back_on_cpu_with_one_line_each(monkeypatch):
@@ -32,11 +31,6 @@ def test_environment_overrides_and_bad_values(monkeypatch):
     monkeypatch.delenv("MEGASWIFT_ATTENTION")
     with pytest.raises(ValueError, match="--attention_backend 'sdpa'"):
         resolve("local", "sdpa")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-rt"), tokenizer_dir=fetch_smollm2())
 
 
 def _first_loss(save):

@@ -14,17 +14,11 @@ import shutil
 import pytest
 
 from conftest import logged, ok, run_megatron
-from megaswift.assets import fetch_llamafactory_data, fetch_smollm2
+from megaswift.assets import fetch_llamafactory_data
 from megaswift.data.packing import pack_rows, pack_stream
 from megaswift.training.batches import StreamBatches
-from tiny_models import make_tiny_model
 
 RTOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-tok"), tokenizer_dir=fetch_smollm2())
 
 
 def _alpaca(n: int) -> str:

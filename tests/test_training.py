@@ -18,21 +18,10 @@ import psutil
 import pytest
 
 from conftest import logged, ok, precision_figures, run_cli, run_megatron
-from megaswift.assets import fetch_llamafactory_data, fetch_smollm2
-from tiny_models import make_tiny_model
+from megaswift.assets import fetch_llamafactory_data
 
 ITERS = 5
 RTOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-tok"), tokenizer_dir=fetch_smollm2())
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    return str(fetch_llamafactory_data() / "alpaca_en_demo.json") + "#48"
 
 
 # 6 of the 48 rows are held out and evaluated after iteration ITERS (every rank reads them all
