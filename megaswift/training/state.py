@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron.core import tensor_parallel
 
 from megaswift.checkpointing import load_common, load_state, model_state_dict, resolve, save_state
+from megaswift.runtime import megatron_fixes
 from megaswift.runtime.context import current as current_runtime
 from megaswift.runtime.safe_load import torch_load
 
@@ -50,79 +51,16 @@ def has_optimizer_state(root: Path) -> bool:
     return bool(common.get("has_optimizer", False))
 
 
-def _allocate_optimizer_state(optimizer) -> None:
-    """Give every parameter an (empty) Adam or SGD-momentum state before a load.
-
-    megatron-core's distributed optimizer reads the step count from existing state when it
-    builds the sharded state dict to load into (`distrib_optimizer.py` state_dict asserts one
-    step value), and the loaded values overwrite these placeholders in place. For SGD
-    megatron-core 0.16 has no state initialiser at all (`init_state_fn` is None, called on
-    load): the momentum buffers allocated here stand in for it.
-    """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
-        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
-            fresh = lambda p: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),  # noqa: E731
-                               "step": torch.tensor(0.0)}
-        elif isinstance(inner, torch.optim.SGD):
-            fresh = lambda p: ({"momentum_buffer": torch.zeros_like(p)}  # noqa: E731
-                               if inner.defaults.get("momentum") else {})
-            if getattr(opt, "init_state_fn", True) is None:
-                opt.init_state_fn = lambda *_args, **_kw: None
-        else:
-            continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                st = inner.state[p]
-                if not st:
-                    st.update(fresh(p))
-
-
-def _param_group_steps(tree) -> set[float]:
-    """Every `param_groups[*].step` in a loaded optimizer state (one per sub-optimizer)."""
-    found: set[float] = set()
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            if k == "param_groups" and isinstance(v, list):
-                found |= {float(g["step"]) for g in v if isinstance(g, dict) and g.get("step") is not None}
-            elif k != "param_state":
-                found |= _param_group_steps(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            found |= _param_group_steps(v)
-    return found
-
-
-def _restore_adam_steps(optimizer, loaded_optimizer_state) -> None:
-    """Give every Adam state its own, correct `step` tensor after a load.
-
-    megatron-core 0.16 (non-TE Adam) first sets one shared `step` tensor from the saved param
-    groups, then overwrites it from the per-parameter state, which does not store the step (the
-    placeholder 0 survives). torch's Adam would then restart bias correction, or with a shared
-    tensor increment it once per parameter; either way a resumed run diverges.
-    """
-    steps = _param_group_steps(loaded_optimizer_state)
-    if not steps:
-        return
-    if len(steps) != 1:
-        raise RuntimeError(f"checkpoint optimizer has inconsistent step counts {sorted(steps)}")
-    step = steps.pop()
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for st in opt.optimizer.state.values():
-            if "step" in st:
-                st["step"] = torch.tensor(step, dtype=torch.float32)
-
-
 @torch.no_grad()
 def load_training_state(root: Path, chunks, optimizer, scheduler) -> int:
     """Restore model, optimizer, schedule and RNG; returns the iteration to continue from."""
     ckpt = resolve(root)
-    _allocate_optimizer_state(optimizer)
+    megatron_fixes.before_optimizer_load(optimizer)
     loaded = load_state(_sharded_state(chunks, optimizer, scheduler, True, loading=True), ckpt)
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
     optimizer.load_state_dict(loaded["optimizer"])
-    _restore_adam_steps(optimizer, loaded["optimizer"])
+    megatron_fixes.after_optimizer_load(optimizer, loaded["optimizer"])
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
     rng_file = ckpt / "rng" / f"rank_{dist.get_rank()}.pt"
     if rng_file.exists():

@@ -1,0 +1,101 @@
+"""Fixes for wrong behaviour of megatron-core versions, on every device; registered in the same
+registry as the CPU adaptations (`cpu_compat.adaptation`), each under the call site it serves.
+
+All three concern resuming training from a torch_dist checkpoint with megatron-core's
+optimizers built on torch's Adam / SGD (no TransformerEngine or apex: `HAVE_APEX_OR_TE` False;
+TE's and apex's FusedAdam / FusedSGD are left alone). Measured with megatron-core 0.16.1 by
+`tests/test_cpu_compat.py`, which saves a tiny model's optimizer after 3 steps and loads it into
+a fresh one through megatron's sharded optimizer state dict. The checkpoint loader calls them:
+`before_optimizer_load(optimizer)` before the sharded state dict to load into is built,
+`after_optimizer_load(optimizer, loaded)` after `optimizer.load_state_dict(loaded)`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megaswift.runtime.cpu_compat import AFTER_OPTIMIZER_LOAD, BEFORE_OPTIMIZER_LOAD, adaptation, run
+
+
+def _sub_optimizers(optimizer) -> list:
+    """The megatron optimizers inside `optimizer` (a ChainedOptimizer holds several)."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def _fill_empty_states(inner: torch.optim.Optimizer, fresh) -> None:
+    for group in inner.param_groups:
+        for p in group["params"]:
+            st = inner.state[p]
+            if not st:
+                st.update(fresh(p))
+
+
+@adaptation("optimizer/distrib_optimizer.py DistributedOptimizer.state_dict, called by "
+            "sharded_state_dict(is_loading=True): asserts one 'step' over the torch Adam state, "
+            "which is empty before the first step (AssertionError; megatron-core 0.16.1)",
+            when=BEFORE_OPTIMIZER_LOAD)
+def adam_state_placeholders(optimizer) -> None:
+    """Give every parameter an empty Adam state (step 0) before a load; the loaded values
+    overwrite it in place (`restore_adam_steps` puts the step back)."""
+    for opt in _sub_optimizers(optimizer):
+        if isinstance(opt.optimizer, torch.optim.Adam | torch.optim.AdamW):
+            _fill_empty_states(opt.optimizer, lambda p: {
+                "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p), "step": torch.tensor(0.0)})
+
+
+@adaptation("optimizer/__init__.py builds torch SGD with init_state_fn=None, which optimizer/optimizer.py "
+            "FP32Optimizer.sharded_state_dict(is_loading=True) calls (TypeError: 'NoneType' object is "
+            "not callable; megatron-core 0.16.1)", when=BEFORE_OPTIMIZER_LOAD)
+def sgd_state_placeholders(optimizer) -> None:
+    """Stand in for SGD's missing state initialiser: a no-op initialiser, and a momentum buffer
+    per parameter for the loaded momentum to land in."""
+    for opt in _sub_optimizers(optimizer):
+        inner = opt.optimizer
+        if isinstance(inner, torch.optim.SGD):
+            if getattr(opt, "init_state_fn", True) is None:
+                opt.init_state_fn = lambda *_args, **_kw: None
+            if inner.defaults.get("momentum"):
+                _fill_empty_states(inner, lambda p: {"momentum_buffer": torch.zeros_like(p)})
+
+
+def _param_group_steps(tree) -> set[float]:
+    """Every `param_groups[*].step` in a loaded optimizer state (one per sub-optimizer)."""
+    found: set[float] = set()
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k == "param_groups" and isinstance(v, list):
+                found |= {float(g["step"]) for g in v if isinstance(g, dict) and g.get("step") is not None}
+            elif k != "param_state":
+                found |= _param_group_steps(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            found |= _param_group_steps(v)
+    return found
+
+
+@adaptation("optimizer/distrib_optimizer.py DistributedOptimizer.load_state_dict with the "
+            "'dp_reshardable' param state: sets one shared 'step' tensor from the saved param "
+            "groups, then the per-parameter state (which does not store the step) brings back the "
+            "placeholder: every Adam state's step is one shared tensor holding 0 instead of the "
+            "saved count (megatron-core 0.16.1), so bias correction restarts and a resumed run "
+            "diverges", when=AFTER_OPTIMIZER_LOAD)
+def restore_adam_steps(optimizer, loaded_optimizer_state) -> None:
+    """Give every Adam state its own `step` tensor holding the saved step count."""
+    steps = _param_group_steps(loaded_optimizer_state)
+    if not steps:
+        return
+    if len(steps) != 1:
+        raise RuntimeError(f"checkpoint optimizer has inconsistent step counts {sorted(steps)}")
+    step = steps.pop()
+    for opt in _sub_optimizers(optimizer):
+        for st in opt.optimizer.state.values():
+            if "step" in st:
+                st["step"] = torch.tensor(step, dtype=torch.float32)
+
+
+def before_optimizer_load(optimizer) -> None:
+    run(BEFORE_OPTIMIZER_LOAD, optimizer)
+
+
+def after_optimizer_load(optimizer, loaded_optimizer_state) -> None:
+    run(AFTER_OPTIMIZER_LOAD, optimizer, loaded_optimizer_state)
