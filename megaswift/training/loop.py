@@ -204,6 +204,9 @@ def _evaluate(model, val_ds, method, fixed, t, config, dp_rank, dp_size) -> dict
     groups = eval_batches(val_ds, t.micro_batch_size, dp_rank, dp_size, t.eval_iters)
     if not groups:
         return {"loss": float("nan")}
+    if len(model) > 1:  # megatron's interleaved schedule runs a multiple of PP micro-batches:
+        pp = parallel_state.get_pipeline_model_parallel_world_size()  # pad with untrained ones
+        groups = groups + [[]] * (-len(groups) % pp)
 
     def batches():
         for g in groups:
