@@ -68,6 +68,13 @@ class ParallelSizes:
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
 
+    def group_sizes(self) -> dict:
+        """The sizes under megatron-core's names, as both `TransformerConfig` and
+        `parallel_state.initialize_model_parallel` take them."""
+        return dict(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
+                    virtual_pipeline_model_parallel_size=self.vpp, context_parallel_size=self.cp,
+                    expert_model_parallel_size=self.ep, expert_tensor_parallel_size=self.etp)
+
 
 def transformer_config(hf_config, family, sizes: ParallelSizes, params_dtype: torch.dtype,
                        **overrides: Any) -> TransformerConfig:
@@ -109,12 +116,7 @@ def transformer_config(hf_config, family, sizes: ParallelSizes, params_dtype: to
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         pipeline_dtype=params_dtype,
-        tensor_model_parallel_size=sizes.tp,
-        pipeline_model_parallel_size=sizes.pp,
-        virtual_pipeline_model_parallel_size=sizes.vpp,
-        context_parallel_size=sizes.cp,
-        expert_model_parallel_size=sizes.ep,
-        expert_tensor_parallel_size=sizes.etp,
+        **sizes.group_sizes(),
         sequence_parallel=sizes.sp,
         num_layers_in_first_pipeline_stage=sizes.first_stage_layers,
         num_layers_in_last_pipeline_stage=sizes.last_stage_layers,
