@@ -204,10 +204,6 @@ class CheckpointRecord:
     flags: dict = field(default_factory=dict)
     megaswift_checkpoint: int = 1
 
-    @staticmethod
-    def layout(tp: int, pp: int) -> dict:
-        return {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
-
     def write(self, root: Path) -> None:
         data = {k: v for k, v in asdict(self).items() if k != "flags" and v is not None}
         tmp = root / (ARGS + ".tmp")

@@ -6,6 +6,8 @@ import shutil
 
 from safetensors.torch import load_file, save_file
 
+import pytest
+
 from conftest import run_cli, run_megatron
 
 
@@ -82,6 +84,17 @@ def test_load_without_checkpoint(tmp_path):
     out = tmp_path / "out"
     proc = run_cli(["export", "--load", str(tmp_path / "empty"), "--to_hf", "true", "--save", str(out)])
     _assert_failed_cleanly(proc, out, "args.json is missing")
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"family": "llama"}'])
+def test_damaged_args_json_names_the_file(tmp_path, content):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "args.json").write_text(content)
+    out = tmp_path / "out"
+    proc = run_cli(["export", "--load", str(ckpt), "--to_hf", "true", "--save", str(out)])
+    _assert_failed_cleanly(proc, out, f"{ckpt / 'args.json'} is damaged")
+    assert "Traceback" not in proc.stderr
 
 
 def test_hub_id_offline(tmp_path):

@@ -18,12 +18,12 @@ from megaswift.args.export import ExportArgs
 from megaswift.args.parallel import LayoutError, ParallelArgs
 from megaswift.args.parser import parse
 from megaswift.args.runtime import RuntimeArgs
-from megaswift.checkpointing import HF_CONFIG, CheckpointRecord, load_models, save_models
+from megaswift.checkpointing import HF_CONFIG, load_models, save_models
 from megaswift.converters.convert import load_hf_weights
 from megaswift.converters.hf_io import HFReader, copy_side_files
 from megaswift.logging_utils import log
 from megaswift.model.config import num_kv_heads
-from megaswift.model.hf import HFModel, dtype_name, resolve_model_dir
+from megaswift.model.hf import HFModel, resolve_model_dir
 from megaswift.model.source import Source, resolve_source
 from megaswift.runtime.context import resolve as resolve_runtime
 from megaswift.runtime.distributed import destroy_distributed, init_distributed, is_rank0
@@ -94,13 +94,8 @@ def _convert(args: ExportArgs, parallel: ParallelArgs, source: Source, model: HF
         save_models([chunk], stage)
         if is_rank0():
             copy_side_files(source.dir, stage / HF_CONFIG)
-            CheckpointRecord(
-                family=model.family.name, torch_dtype=dtype_name(dtype),
-                padded_vocab_size=model.dims.padded_vocab_size,
-                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                saved_with=CheckpointRecord.layout(parallel.tensor_model_parallel_size,
-                                                   parallel.pipeline_model_parallel_size),
-                source_model=str(args.model)).write(stage)
+            source.checkpoint_record(model, dtype, args.make_vocab_size_divisible_by, parallel,
+                                     source_model=str(args.model)).write(stage)
         hf_dir = source.dir
     else:
         load_models([chunk], Path(args.load).expanduser())
@@ -135,4 +130,3 @@ def _precision(chunk, config, model: HFModel, hf_dir: Path) -> bool:
     for r in reports:
         log(r.line())
     return all(r.ok for r in reports)
-

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from megaswift.checkpointing import HF_CONFIG, CheckpointRecord
-from megaswift.model.hf import HFModel, config_dtype, load_hf_config, parse_dtype, resolve_model_dir
+from megaswift.model.hf import HFModel, config_dtype, dtype_name, load_hf_config, parse_dtype, resolve_model_dir
 
 
 @dataclass
@@ -31,6 +31,16 @@ class Source:
     def model(self, make_vocab_size_divisible_by: int, tp: int) -> HFModel:
         return HFModel.from_config(self.hf_config, self.make_vocab_size_divisible_by(make_vocab_size_divisible_by),
                                    tp, self.record.padded_vocab_size if self.record else None)
+
+    def checkpoint_record(self, model: HFModel, dtype: torch.dtype, make_vocab_size_divisible_by: int, parallel,
+                          **extra) -> CheckpointRecord:
+        """The `args.json` of a checkpoint of `model` written from this source at layout `parallel`."""
+        return CheckpointRecord(
+            family=model.family.name, torch_dtype=dtype_name(dtype), padded_vocab_size=model.dims.padded_vocab_size,
+            make_vocab_size_divisible_by=self.make_vocab_size_divisible_by(make_vocab_size_divisible_by),
+            saved_with={"tensor_model_parallel_size": parallel.tensor_model_parallel_size,
+                        "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size},
+            **extra)
 
     def dtype(self, torch_dtype: Optional[str] = None, *, bf16: bool = False, fp16: bool = False) -> torch.dtype:
         """`--bf16`/`--fp16`, else `--torch_dtype`, else the checkpoint's dtype, else config.json's."""

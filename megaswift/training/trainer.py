@@ -22,11 +22,10 @@ import torch.distributed as dist
 
 from megaswift.args.job import Job
 from megaswift.args.train import TrainArgs
-from megaswift.checkpointing import ARGS, HF_CONFIG, TRACKER, CheckpointRecord
+from megaswift.checkpointing import ARGS, HF_CONFIG, TRACKER
 from megaswift.converters.hf_io import CheckpointError, HFReader, copy_side_files
 from megaswift.logging_utils import log
 from megaswift.model.config import check_sliding_window, num_kv_heads
-from megaswift.model.hf import dtype_name
 from megaswift.model.source import resolve_source
 from megaswift.runtime.context import resolve as resolve_runtime
 from megaswift.runtime.distributed import barrier, destroy_distributed, init_distributed, is_rank0
@@ -176,14 +175,8 @@ def train(job: Job) -> int:
             if save_root is not None and is_rank0():
                 save_root.mkdir(parents=True, exist_ok=True)
                 copy_side_files(src, save_root / HF_CONFIG)
-                CheckpointRecord(
-                    family=hf.family.name, torch_dtype=dtype_name(dtype),
-                    padded_vocab_size=hf.dims.padded_vocab_size,
-                    make_vocab_size_divisible_by=source.make_vocab_size_divisible_by(
-                        job.model.make_vocab_size_divisible_by),
-                    saved_with=CheckpointRecord.layout(job.parallel.tensor_model_parallel_size,
-                                                      job.parallel.pipeline_model_parallel_size), source_model=job.model.model,
-                    flags=job.as_record()).write(save_root)
+                source.checkpoint_record(hf, dtype, job.model.make_vocab_size_divisible_by, job.parallel,
+                                         source_model=job.model.model, flags=job.as_record()).write(save_root)
             with _stop_on_signals() as stop:
                 train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root, stop)
         except BaseException as e:
