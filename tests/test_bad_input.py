@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import shutil
 
-from safetensors.torch import load_file, save_file
-
 import pytest
+from safetensors.torch import load_file, save_file
 
 from conftest import run_cli, run_megatron
 
