@@ -40,11 +40,34 @@ def iteration_dir(root: Path, iteration: int | str) -> Path:
     return root / ("release" if iteration == "release" else f"iter_{int(iteration):07d}")
 
 
-def model_state_dict(models) -> dict:
-    """Megatron-LM's keys: `model` for one chunk, `model0`, `model1` ... for virtual stages."""
+def model_state_dict(models, trainable_only: bool = False) -> dict:
+    """Megatron-LM's keys: `model` for one chunk, `model0`, `model1` ... for virtual stages.
+
+    `trainable_only`: just the parameters that train (a LoRA run's adapters and modules_to_save),
+    which is what a LoRA checkpoint holds; the frozen base comes from `--load` / `--model`.
+    """
+    def state(m):
+        sd = m.sharded_state_dict()
+        if trainable_only:
+            keep = {n for n, p in m.named_parameters() if p.requires_grad}
+            sd = {k: v for k, v in sd.items() if k in keep}
+        return sd
+
     if len(models) == 1:
-        return {"model": models[0].sharded_state_dict()}
-    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
+        return {"model": state(models[0])}
+    return {f"model{i}": state(m) for i, m in enumerate(models)}
+
+
+def load_model_states(models, loaded: dict, trainable_only: bool = False) -> None:
+    """Put the loaded model state(s) into the chunks: every parameter, or exactly the trainable ones."""
+    for i, m in enumerate(models):
+        result = m.load_state_dict(loaded["model" if len(models) == 1 else f"model{i}"], strict=not trainable_only)
+        if trainable_only:
+            want = {n for n, p in m.named_parameters() if p.requires_grad}
+            missing = sorted(want & set(result.missing_keys))
+            if missing or result.unexpected_keys:
+                raise CheckpointError(f"the adapter checkpoint does not match the adapters of this run: "
+                                      f"missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}")
 
 
 def save_models(models, root: Path, iteration: int | str = "release", extra: dict | None = None) -> Path:
@@ -178,14 +201,11 @@ def load_common(ckpt: Path) -> dict:
         return dist_checkpointing.load_common_state_dict(str(ckpt))
 
 
-def load_models(models, root: Path) -> None:
-    """Load this rank's chunks from `root` at whatever TP/PP it was saved with."""
-    loaded = load_state(model_state_dict(models), resolve(root))
-    if len(models) == 1:
-        models[0].load_state_dict(loaded["model"], strict=True)
-    else:
-        for i, m in enumerate(models):
-            m.load_state_dict(loaded[f"model{i}"], strict=True)
+def load_models(models, root: Path, trainable_only: bool = False) -> None:
+    """Load this rank's chunks from `root` at whatever TP/PP it was saved with (only the trainable
+    parameters, from a LoRA checkpoint, with `trainable_only`)."""
+    loaded = load_state(model_state_dict(models, trainable_only), resolve(root))
+    load_model_states(models, loaded, trainable_only)
 
 
 @dataclass

@@ -34,7 +34,7 @@ class TrainArgs:
     train_iters: Optional[int] = field(default=None, metadata={"help": "Optimizer steps (or use --max_epochs)."})
     max_epochs: Optional[int] = field(default=None, metadata={"help": "Epochs over the data; sets --train_iters."})
     seed: int = field(default=42, metadata={"help": "Random seed."})
-    lr: float = field(default=1e-5, metadata={"help": "Peak learning rate."})
+    lr: Optional[float] = field(default=None, metadata={"help": "Peak learning rate (default 1e-5 full, 1e-4 LoRA)."})
     min_lr: float = field(default=0.0, metadata={"help": "Floor of the decayed learning rate."})
     lr_decay_style: str = field(default="cosine", metadata={"help": "cosine|linear|constant", "choices": ("cosine", "linear", "constant")})
     lr_warmup_iters: int = field(default=0, metadata={"help": "Linear warm-up steps."})
@@ -72,7 +72,7 @@ class TrainArgs:
             raise ValueError("pass --train_iters N or --max_epochs N")
         if self.train_iters is not None and self.train_iters < 1:
             raise ValueError(f"--train_iters {self.train_iters} must be >= 1")
-        if not math.isfinite(self.lr) or self.lr < 0:  # nan would train nothing, silently
+        if self.lr is not None and (not math.isfinite(self.lr) or self.lr < 0):  # nan would train nothing, silently
             raise ValueError(f"--lr {self.lr} must be a finite number >= 0")
         decay = self.lr_decay_iters or self.train_iters
         if decay is not None and self.lr_warmup_iters >= decay:  # megatron's scheduler asserts it

@@ -74,6 +74,14 @@ class TrainLogger:
                 if isinstance(v, (int, float)) and k != "iteration":
                     self.tb.add_scalar(f"train/{k}", v, iteration)
 
+    def log_start(self, iteration: int, record: dict) -> None:
+        """Figures known at the start of a run (parameter counts), one `logging.jsonl` line."""
+        if self.writer and self.jsonl:
+            self.jsonl.write(json.dumps({"iteration": iteration, **record}) + "\n")
+        if self.writer and self.tb:
+            for k, v in record.items():
+                self.tb.add_scalar(f"model/{k}", v, iteration)
+
     def log_eval(self, iteration: int, metrics: dict) -> None:
         """The method's evaluation figures, logged as ``eval_<name>``."""
         if not self.writer:

@@ -23,6 +23,7 @@ from megaswift.training.batches import (EMPTY_SAMPLE, GlobalBatchSampler, Indexe
 from megaswift.training.logger import TrainLogger
 from megaswift.training.setup import build_model, wrap_and_optimize
 from megaswift.training.method import LanguageModeling, TrainingMethod
+from megaswift.tuners import add_lora, count_parameters, set_trainable
 from megaswift.training.step import eval_step, train_step
 
 
@@ -111,7 +112,8 @@ def _eval_rows(val_ds, t, dp_size: int):
 
 
 def _load_weights(job, hf, chunks) -> bool:
-    """Weights before DDP/optimizer exist. Returns True when a full resume must follow."""
+    """Base weights before DDP/optimizer exist. Returns True when a full resume must follow
+    (never for LoRA: its base is frozen, the run's state lives under --adapter_load)."""
     if job.model.model:
         from megaswift.model.hf import resolve_model_dir
 
@@ -120,11 +122,32 @@ def _load_weights(job, hf, chunks) -> bool:
         log(f"loaded HF weights from {src}")
         return False
     root = Path(job.model.load).expanduser()
-    if job.model.finetune or not has_optimizer_state(root):
+    if job.model.finetune or job.tuner.lora or not has_optimizer_state(root):
         load_models(chunks, root)
         log(f"loaded weights from {root} (iteration 0)")
         return False
     return True
+
+
+def _tune(job, chunks, seed: int) -> str | None:
+    """Graft LoRA (--train_type lora) and set what trains. Returns "resume" when the LoRA run under
+    --adapter_load continues with its optimizer, "weights" when only its adapters were loaded."""
+    from megatron.core import parallel_state as ps
+
+    tuner = job.tuner
+    if tuner.lora:
+        n = add_lora(chunks, tuner.lora_config(), seed)
+        log(f"LoRA r={tuner.lora_rank} alpha={tuner.lora_alpha} on {n} linears of this rank"
+            + (f"; modules_to_save {' '.join(tuner.modules_to_save)}" if tuner.modules_to_save else ""))
+    set_trainable(chunks, tuner, ps.get_pipeline_model_parallel_world_size())
+    if not tuner.adapter_load:
+        return None
+    root = Path(tuner.adapter_load).expanduser()
+    if job.model.finetune or not has_optimizer_state(root):
+        load_models(chunks, root, trainable_only=True)
+        log(f"loaded adapters from {root} (iteration 0)")
+        return "weights"
+    return "resume"
 
 
 def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | None, stop: dict) -> None:
@@ -144,16 +167,21 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
     fixed = fixed_shape(job, (train_ds, val_ds))
     chunks, config = build_model(hf, job.parallel, dtype, t, fixed)
     resume = _load_weights(job, hf, chunks)
+    adapters = _tune(job, chunks, t.seed)
+    counts = count_parameters(chunks)
+    log(counts.line())
     model, optimizer, scheduler = wrap_and_optimize(chunks, config, t, iters)
     start = 0
-    if resume:
-        start = load_training_state(Path(job.model.load).expanduser(), chunks, optimizer, scheduler)
-        log(f"resumed from {job.model.load} at iteration {start}")
+    if resume or adapters == "resume":
+        root = Path(job.tuner.adapter_load if adapters else job.model.load).expanduser()
+        start = load_training_state(root, chunks, optimizer, scheduler, trainable_only=job.tuner.lora)
+        log(f"resumed from {root} at iteration {start}")
     method = training_method(job, tokenizer, fixed)
     if val_ds is not None and t.eval_interval:
         val_ds = _eval_rows(val_ds, t, dp_size)
     writer = dist.get_rank() == dist.get_world_size() - 1   # on the last stage, holds the loss
     logger = TrainLogger(save_root, t.tensorboard_dir, writer, iters)
+    logger.log_start(start, {"trainable_params": counts.trainable, "total_params": counts.total})
     n_params = _count_params(chunks)
     log(f"training {iters} iterations from {start}: {sampler.num_microbatches} micro-batches of "
         f"{t.micro_batch_size} per step on each of {dp_size} data-parallel ranks; {n_params / 1e6:.1f}M parameters")
@@ -164,8 +192,8 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
             if step is None:  # a stream read --max_epochs times: stop, with a checkpoint
                 log(f"--max_epochs {t.max_epochs}: the training stream is exhausted; stopped after iteration {it}")
                 if save_root is not None and it > start and not (t.save_interval and it % t.save_interval == 0):
-                    save_training_state(save_root, it, chunks, optimizer, scheduler,
-                                        save_optim=not t.no_save_optim, save_rng=not t.no_save_rng)
+                    save_training_state(save_root, it, chunks, optimizer, scheduler, save_optim=not t.no_save_optim,
+                                        save_rng=not t.no_save_rng, trainable_only=job.tuner.lora)
                     log(f"saved iteration {it} to {save_root}")
                 break
             batches = [step.collated(method.collate) for _ in model]
@@ -182,8 +210,8 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
                 logger.log_eval(it, _evaluate(model, val_ds, method, fixed, t, config, dp_rank, dp_size))
             should_stop = _agree(stop["flag"])
             if save_root is not None and (should_stop or it == iters or (t.save_interval and it % t.save_interval == 0)):
-                save_training_state(save_root, it, chunks, optimizer, scheduler,
-                                    save_optim=not t.no_save_optim, save_rng=not t.no_save_rng)
+                save_training_state(save_root, it, chunks, optimizer, scheduler, save_optim=not t.no_save_optim,
+                                    save_rng=not t.no_save_rng, trainable_only=job.tuner.lora)
                 log(f"saved iteration {it} to {save_root}")
             if should_stop:
                 log(f"{stop.get('signal') or 'SIGTERM'}: stopped after iteration {it}"

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import tensor_parallel
 
-from megaswift.checkpointing import load_common, load_state, model_state_dict, resolve, save_state
+from megaswift.checkpointing import load_common, load_model_states, load_state, model_state_dict, resolve, save_state
 from megaswift.runtime import megatron_fixes
 from megaswift.runtime.context import current as current_runtime
 from megaswift.runtime.safe_load import torch_load
@@ -25,8 +25,9 @@ from megaswift.runtime.safe_load import torch_load
 _OPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-def _sharded_state(chunks, optimizer, scheduler, with_optimizer: bool, loading: bool) -> dict:
-    state = model_state_dict(chunks)
+def _sharded_state(chunks, optimizer, scheduler, with_optimizer: bool, loading: bool,
+                   trainable_only: bool = False) -> dict:
+    state = model_state_dict(chunks, trainable_only)
     if with_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=loading, metadata=_OPT_METADATA)
         state["opt_param_scheduler"] = scheduler.state_dict()
@@ -34,9 +35,12 @@ def _sharded_state(chunks, optimizer, scheduler, with_optimizer: bool, loading: 
 
 
 def save_training_state(root: Path, iteration: int, chunks, optimizer, scheduler, *,
-                        save_optim: bool, save_rng: bool) -> Path:
-    """Every rank calls it; the tracker is written last, after all ranks finished."""
-    state = _sharded_state(chunks, optimizer, scheduler, save_optim, loading=False)
+                        save_optim: bool, save_rng: bool, trainable_only: bool = False) -> Path:
+    """Every rank calls it; the tracker is written last, after all ranks finished.
+
+    `trainable_only` (LoRA): the model part holds the adapters (and modules_to_save) only.
+    """
+    state = _sharded_state(chunks, optimizer, scheduler, save_optim, loading=False, trainable_only=trainable_only)
     state["has_optimizer"] = save_optim
 
     def save_rng_state(ckpt: Path) -> None:  # before the tracker: a checkpoint is complete or invisible
@@ -52,13 +56,14 @@ def has_optimizer_state(root: Path) -> bool:
 
 
 @torch.no_grad()
-def load_training_state(root: Path, chunks, optimizer, scheduler) -> int:
-    """Restore model, optimizer, schedule and RNG; returns the iteration to continue from."""
+def load_training_state(root: Path, chunks, optimizer, scheduler, trainable_only: bool = False) -> int:
+    """Restore model (all of it, or its trainable part), optimizer, schedule and RNG; returns the
+    iteration to continue from."""
     ckpt = resolve(root)
     megatron_fixes.before_optimizer_load(optimizer)
-    loaded = load_state(_sharded_state(chunks, optimizer, scheduler, True, loading=True), ckpt)
-    for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
+    loaded = load_state(_sharded_state(chunks, optimizer, scheduler, True, loading=True,
+                                       trainable_only=trainable_only), ckpt)
+    load_model_states(chunks, loaded, trainable_only)
     optimizer.load_state_dict(loaded["optimizer"])
     megatron_fixes.after_optimizer_load(optimizer, loaded["optimizer"])
     scheduler.load_state_dict(loaded["opt_param_scheduler"])

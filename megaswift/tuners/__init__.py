@@ -1,0 +1,164 @@
+"""Which parameters train: LoRA grafted onto the model chunks (`--train_type lora`), or full training
+with Megatron-SWIFT's freezing flags.
+
+Names given by users (``--target_regex``, ``--freeze_parameters``, ``--modules_to_save`` ...) are
+matched against *global* names: ``decoder.layers.<global layer>...``, the same on every pipeline
+layout (at PP=1 they are the module names megatron-core gives).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from megaswift.args.tuner import TunerArgs
+from megaswift.tuners.lora import LoraLinear, parallel_mode
+
+_LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)(?=\.|$)")
+_EMBEDDINGS = ("embedding.word_embeddings", "output_layer")
+
+
+def global_name(chunk: nn.Module, name: str) -> str:
+    """`name` of a module or parameter of `chunk` with the global decoder layer number."""
+    m = _LOCAL_LAYER.match(name)
+    if not m:
+        return name
+    layer = chunk.decoder.layers[int(m.group(1))].layer_number - 1
+    return f"decoder.layers.{layer}{name[m.end():]}"
+
+
+def _suffix_match(name: str, wanted) -> bool:
+    return any(name == w or name.endswith("." + w) for w in wanted)
+
+
+def _lora_candidates(chunk: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """(local name, global name, module) of every linear LoRA can wrap: the decoder's parallel linears."""
+    return [(n, global_name(chunk, n), m) for n, m in chunk.named_modules()
+            if n.startswith("decoder.") and parallel_mode(m) is not None and not isinstance(m, LoraLinear)]
+
+
+def _lora_targets(chunk, cfg: dict) -> list[tuple[str, str, nn.Module]]:
+    found = _lora_candidates(chunk)
+    if cfg.get("target_regex"):
+        rx = re.compile(cfg["target_regex"])
+        return [c for c in found if rx.fullmatch(c[1])]
+    wanted = [t for t in cfg["target_modules"] if t not in ("all-linear", "all-router")]
+    if "all-linear" in cfg["target_modules"]:
+        return found
+    return [c for c in found if _suffix_match(c[1], wanted)]
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def add_lora(chunks: list, cfg: dict, seed: int) -> int:
+    """Wrap the targeted linears of every chunk in `LoraLinear`; returns how many on this rank.
+
+    `cfg` is `TunerArgs.lora_config()` (as a LoRA run's args.json keeps it). A target list that
+    names no linear of the model is an error on every rank (pipeline stages see different layers,
+    so the check is on the names, not on this rank's share).
+    """
+    wrapped = 0
+    names = set()
+    for chunk in chunks:
+        for local, glob, module in _lora_targets(chunk, cfg):
+            _set_submodule(chunk, local, LoraLinear(
+                module, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
+                use_rslora=cfg["use_rslora"], key=glob, seed=seed))
+            wrapped += 1
+        names.update(re.sub(r"\.\d+\.", ".*.", g) for _, g, _ in _lora_candidates(chunk))
+    if not cfg.get("target_regex"):
+        known = {n.rsplit(".", 1)[-1] for n in names}
+        unknown = [t for t in cfg["target_modules"] if t not in ("all-linear", "all-router")
+                   and not any(n == t or n.endswith("." + t) for n in names | known)]
+        if unknown:
+            raise ValueError(f"--target_modules {' '.join(unknown)}: no such linear in the model; "
+                             f"its linears are {', '.join(sorted(known))} (or all-linear)")
+    return wrapped
+
+
+def _modules_to_save(chunk: nn.Module, wanted: list[str]) -> set[str]:
+    """Local parameter names of the modules in `wanted` (tied embeddings count as one module)."""
+    if not wanted:
+        return set()
+    tied = bool(getattr(chunk, "share_embeddings_and_output_weights", False))
+    names = set(wanted)
+    if tied and any(_suffix_match(e, names) for e in _EMBEDDINGS):
+        names.update(_EMBEDDINGS)
+    out = set()
+    for n, m in chunk.named_modules():
+        if n and _suffix_match(global_name(chunk, n), names):
+            out.update(f"{n}.{p}" for p, _ in m.named_parameters())
+    return out
+
+
+def set_trainable(chunks: list, tuner: TunerArgs, pipeline_parallel: int = 1) -> None:
+    """requires_grad for every parameter: LoRA's adapters (+ modules_to_save, + biases with
+    --lora_bias all), or full training minus the freezing flags."""
+    if tuner.lora:
+        for chunk in chunks:
+            save = _modules_to_save(chunk, tuner.modules_to_save)
+            for n, p in chunk.named_parameters():
+                p.requires_grad_(".lora_A." in n or ".lora_B." in n or n in save
+                                 or (tuner.lora_bias == "all" and n.endswith(".bias")))
+        return
+    if tuner.freeze_parameters_ratio and pipeline_parallel > 1:
+        raise ValueError("--freeze_parameters_ratio needs --pipeline_model_parallel_size 1 (it counts "
+                         "parameters from the embedding up, across the whole model)")
+    for chunk in chunks:
+        params = [(global_name(chunk, n), p) for n, p in chunk.named_parameters()]
+        frozen_upto = int(sum(p.numel() for _, p in params) * tuner.freeze_parameters_ratio)
+        seen = 0
+        for n, p in params:
+            freeze = seen + p.numel() <= frozen_upto or (tuner.freeze_parameters_ratio == 1.0)
+            seen += p.numel()
+            freeze |= any(n.startswith(x) for x in tuner.freeze_parameters)
+            if tuner.freeze_parameters_regex:
+                freeze |= bool(re.search(tuner.freeze_parameters_regex, n))
+            train = any(n.startswith(x) for x in tuner.trainable_parameters) or bool(
+                tuner.trainable_parameters_regex and re.search(tuner.trainable_parameters_regex, n))
+            p.requires_grad_(train or not freeze)
+
+
+def trainable_names(chunk: nn.Module) -> set[str]:
+    return {n for n, p in chunk.named_parameters() if p.requires_grad}
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    trainable: int
+    total: int
+
+    def line(self) -> str:
+        return (f"trainable parameters: {self.trainable:,} of {self.total:,} "
+                f"({100.0 * self.trainable / max(self.total, 1):.4f}%)")
+
+
+def count_parameters(chunks: list) -> ParamCounts:
+    """Trainable and total parameters of the whole model, each weight counted once: TP shards are
+    summed over the TP group, TP-replicated ones counted on TP rank 0, stages summed over PP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    from megaswift.runtime.distributed import device
+
+    local = torch.zeros(2, dtype=torch.float64, device=device())
+    for chunk in chunks:
+        for n, p in chunk.named_parameters():
+            if not param_is_not_tensor_parallel_duplicate(p):
+                continue
+            if n == "output_layer.weight" and getattr(chunk, "share_embeddings_and_output_weights", False):
+                continue  # the last stage's copy of the tied embedding
+            local[1] += p.numel()
+            if p.requires_grad:
+                local[0] += p.numel()
+    for size, group in ((ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group),
+                        (ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_group)):
+        if size > 1:
+            torch.distributed.all_reduce(local, group=group())
+    return ParamCounts(int(local[0].item()), int(local[1].item()))
