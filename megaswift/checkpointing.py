@@ -15,6 +15,7 @@ CheckpointError naming the file, checked before megatron-core reads anything.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megaswift.converters.hf_io import CheckpointError
@@ -40,17 +42,43 @@ def iteration_dir(root: Path, iteration: int | str) -> Path:
     return root / ("release" if iteration == "release" else f"iter_{int(iteration):07d}")
 
 
+def per_layer(state: dict) -> dict:
+    """`state` with every decoder-layer tensor under its own key (`decoder.layers.<global layer>.…`)
+    instead of megatron's one tensor stacked over all layers.
+
+    A stacked tensor must be covered by the layers of all ranks together; a subset of layers
+    (LoRA on some layers, optimizer state of a partly frozen model) is not, and megatron-core
+    refuses to save it. Per-layer keys stay reshardable over pipeline layouts (the key carries the
+    global layer number).
+    """
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out[k] = per_layer(v)
+        elif isinstance(v, ShardedTensor) and v.prepend_axis_num and v.key.startswith("decoder.layers."):
+            layer = v.global_offset[0]
+            out[k] = dataclasses.replace(
+                v, key=v.key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1),
+                global_shape=v.global_shape[1:], global_offset=v.global_offset[1:],
+                axis_fragmentations=v.axis_fragmentations[1:] if v.axis_fragmentations else None,
+                prepend_axis_num=v.prepend_axis_num - 1)
+        else:
+            out[k] = v
+    return out
+
+
 def model_state_dict(models, trainable_only: bool = False) -> dict:
     """Megatron-LM's keys: `model` for one chunk, `model0`, `model1` ... for virtual stages.
 
     `trainable_only`: just the parameters that train (a LoRA run's adapters and modules_to_save),
-    which is what a LoRA checkpoint holds; the frozen base comes from `--load` / `--model`.
+    which is what a LoRA checkpoint holds (per decoder layer, see `per_layer`); the frozen base
+    comes from `--load` / `--model`.
     """
     def state(m):
         sd = m.sharded_state_dict()
         if trainable_only:
             keep = {n for n, p in m.named_parameters() if p.requires_grad}
-            sd = {k: v for k, v in sd.items() if k in keep}
+            sd = per_layer({k: v for k, v in sd.items() if k in keep})
         return sd
 
     if len(models) == 1:

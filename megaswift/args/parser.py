@@ -57,5 +57,13 @@ def parse(classes: tuple, argv: list[str], prog: str) -> tuple:
     out = []
     for cls in classes:
         names = {f.name for f in dataclasses.fields(cls)}
-        out.append(cls(**{k: v for k, v in ns.items() if k in names}))
+        given = {k: v for k, v in ns.items() if k in names}
+        inst = cls(**given)
+        object.__setattr__(inst, "_explicit", frozenset(given))
+        out.append(inst)
     return tuple(out)
+
+
+def explicit(args) -> frozenset:
+    """The flags of the argument group `args` that the command line set (the rest are defaults)."""
+    return getattr(args, "_explicit", frozenset())

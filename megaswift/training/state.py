@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import tensor_parallel
 
-from megaswift.checkpointing import load_common, load_model_states, load_state, model_state_dict, resolve, save_state
+from megaswift.checkpointing import (load_common, load_model_states, load_state, model_state_dict, per_layer, resolve,
+                                     save_state)
 from megaswift.runtime import megatron_fixes
 from megaswift.runtime.context import current as current_runtime
 from megaswift.runtime.safe_load import torch_load
@@ -29,7 +30,10 @@ def _sharded_state(chunks, optimizer, scheduler, with_optimizer: bool, loading: 
                    trainable_only: bool = False) -> dict:
     state = model_state_dict(chunks, trainable_only)
     if with_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=loading, metadata=_OPT_METADATA)
+        # A partly frozen model has optimizer state for some layers only: key it per layer.
+        frozen = any(not p.requires_grad for c in chunks for p in c.parameters())
+        view = per_layer(state) if frozen else state
+        state["optimizer"] = optimizer.sharded_state_dict(view, is_loading=loading, metadata=_OPT_METADATA)
         state["opt_param_scheduler"] = scheduler.state_dict()
     return state
 

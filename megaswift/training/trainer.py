@@ -21,8 +21,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megaswift.args.job import Job
+from megaswift.args.parser import explicit
 from megaswift.args.train import TrainArgs
-from megaswift.checkpointing import ARGS, HF_CONFIG, TRACKER
+from megaswift.checkpointing import ARGS, HF_CONFIG, TRACKER, CheckpointRecord, resolve
 from megaswift.converters.hf_io import CheckpointError, HFReader, copy_side_files
 from megaswift.logging_utils import log
 from megaswift.model.config import check_sliding_window, num_kv_heads
@@ -30,6 +31,7 @@ from megaswift.model.source import resolve_source
 from megaswift.runtime.context import resolve as resolve_runtime
 from megaswift.runtime.distributed import barrier, destroy_distributed, init_distributed, is_rank0
 from megaswift.runtime.save_dir import check_save
+from megaswift.tuners import check_targets
 
 
 def _save_root(train: TrainArgs) -> Path | None:
@@ -86,10 +88,42 @@ def _check_save(job: Job) -> None:
     root = check_save(t.save, {"--model": job.model.model}, contains=False)
     if t.add_version or not any((root / f).exists() for f in (ARGS, TRACKER, "logging.jsonl")):
         return
-    if job.model.load and Path(job.model.load).expanduser().resolve() == root:
-        return
-    raise FileExistsError(f"--save {t.save} already holds a run; pass --load {t.save} to resume it, "
+    for resumed in (job.model.load, job.tuner.adapter_load):
+        if resumed and Path(resumed).expanduser().resolve() == root:
+            return
+    resume = "--adapter_load" if job.tuner.lora else "--load"
+    raise FileExistsError(f"--save {t.save} already holds a run; pass {resume} {t.save} to resume it, "
                           "another --save, or --add_version true for a new vN-<timestamp> run inside it")
+
+
+def _check_adapters(job: Job, source) -> None:
+    """Before any work: --load is a base (not a LoRA run's adapters), and --adapter_load is a LoRA run."""
+    if source.is_checkpoint and source.record.flags.get("tuner", {}).get("train_type") == "lora":
+        raise CheckpointError(f"--load {job.model.load} holds a LoRA run's adapters only, not a model: pass its "
+                              "base as --load/--model and the run as --adapter_load (with --train_type lora)")
+    if job.tuner.lora and not job.tuner.target_regex:
+        check_targets(job.tuner.target_modules)
+    if not job.tuner.adapter_load:
+        return
+    root = Path(job.tuner.adapter_load).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"--adapter_load {job.tuner.adapter_load}: no such directory")
+    resolve(root)  # a missing or damaged tracker / iteration is named here
+    tuner = CheckpointRecord.read(root).flags.get("tuner") or {}
+    if tuner.get("train_type") != "lora":
+        raise CheckpointError(f"--adapter_load {job.tuner.adapter_load} is not a LoRA run (its {ARGS} records "
+                              f"train_type {tuner.get('train_type', 'full')!r}); pass a full checkpoint as --load")
+    # The adapters' shape comes from the run; a flag given here that contradicts it is an error.
+    given = explicit(job.tuner)
+    differ = {k: (tuner[k], v) for k, v in job.tuner.lora_config().items()
+              if k in tuner and k in given and k != "lora_dropout" and tuner[k] != v}
+    if differ:
+        shown = "; ".join(f"--{k} {a!r} in the run, {b!r} here" for k, (a, b) in differ.items())
+        raise ValueError(f"--adapter_load {job.tuner.adapter_load} was trained with other adapters ({shown}): "
+                         "drop these flags (the run's are used) or start a new run")
+    for k in job.tuner.lora_config():
+        if k in tuner and k not in given and k != "lora_dropout":
+            setattr(job.tuner, k, tuner[k])
 
 
 def _made_by_us(save_root: Path) -> Path | None:
@@ -152,6 +186,7 @@ def train(job: Job) -> int:
     _check_save(job)
     source = resolve_source(job.model.model, job.model.load, job.model.trust_remote_code)
     src, hf_config = source.dir, source.hf_config
+    _check_adapters(job, source)
     job.parallel.validate_model(num_layers=hf_config.num_hidden_layers,
                                 num_attention_heads=hf_config.num_attention_heads,
                                 num_query_groups=num_kv_heads(hf_config))

@@ -17,6 +17,8 @@ from torch import nn
 from megaswift.args.tuner import TunerArgs
 from megaswift.tuners.lora import LoraLinear, parallel_mode
 
+# The linears of the decoder layer spec (`model/spec.py`, and TE's): what --target_modules can name.
+LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 _LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)(?=\.|$)")
 _EMBEDDINGS = ("embedding.word_embeddings", "output_layer")
 
@@ -49,6 +51,16 @@ def _lora_targets(chunk, cfg: dict) -> list[tuple[str, str, nn.Module]]:
     if "all-linear" in cfg["target_modules"]:
         return found
     return [c for c in found if _suffix_match(c[1], wanted)]
+
+
+def check_targets(target_modules: list[str]) -> None:
+    """Before any work: every --target_modules name is a linear of the layer spec (or all-linear)."""
+    unknown = [t for t in target_modules if t not in ("all-linear", "all-router")
+               and not any(n == t or n.endswith("." + t) for n in LINEARS)]
+    if unknown:
+        names = " ".join(n.rsplit(".", 1)[-1] for n in LINEARS)
+        raise ValueError(f"--target_modules {' '.join(unknown)}: no such linear in the model; its linears are "
+                         f"{names} (megatron's names; or all-linear)")
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
