@@ -22,7 +22,7 @@ from megaswift.training.method import LanguageModeling
 from megaswift.training.setup import build_model, wrap_and_optimize
 from megaswift.training.step import train_step
 from megaswift.tuners import add_lora, count_parameters, set_trainable
-from megaswift.tuners.lora import LoraLinear
+from megaswift.tuners.lora import LoraLinear, adapters_off
 from test_training import EVAL, ITERS, RTOL, _kill_after_checkpoint, _sft_args
 
 LORA = ["--train_type", "lora", "--lora_dropout", "0", "--lr", "1e-3"]
@@ -70,6 +70,8 @@ def test_zero_b_is_the_base_bitwise_and_merge_equals_unmerged(qwen2_chunk):
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
     unmerged = forward_logits(chunks[0], batch, config)
     assert (unmerged - base).abs().max() > 1e-2  # the adapter does something
+    with adapters_off(chunks):  # the reference model of LoRA preference training: the base, exactly
+        assert torch.equal(forward_logits(chunks[0], batch, config), base)
     with torch.no_grad():
         for m in layers:
             m.merge_()

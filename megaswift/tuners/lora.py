@@ -28,6 +28,7 @@ LoRA run's checkpoint names its adapter tensors `<module>.lora_A.weight` / `.lor
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 
@@ -64,7 +65,7 @@ def _sizes(base: nn.Module, mode: str) -> tuple[int, int]:
     """(full input features, full output features) of a megatron or TE parallel linear."""
     if hasattr(base, "input_size") and hasattr(base, "output_size"):  # megatron-core's own linears
         return int(base.input_size), int(base.output_size)
-    tp = base.tp_size  # TE linears keep the local shape in .weight
+    tp = base.tp_size  # TE linears: the local weight (TE's in/out_features are per-partition too)
     out_local, in_local = base.weight.shape
     return (in_local * tp, out_local) if mode == ROW else (in_local, out_local * tp)
 
@@ -131,6 +132,7 @@ class LoraLinear(nn.Module):
         setattr(replicated, "sequence_parallel", self.sequence_parallel)
         for p in base.parameters():
             p.requires_grad_(False)
+        self.disabled = False  # True: the base alone (a LoRA run's reference model, see `adapters_off`)
 
     def __getattr__(self, name: str):
         """Attributes megatron's modules read off their linear (`te_return_bias` ...) come from the base."""
@@ -178,6 +180,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out, bias = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return out, bias
         return out + self.lora_delta(self._adapter_input(x)).to(out.dtype), bias
 
     # -- merge -------------------------------------------------------------------------------
@@ -205,3 +209,17 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.mode}, r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+@contextlib.contextmanager
+def adapters_off(chunks):
+    """The base model alone inside the block: every LoraLinear of `chunks` skips its adapter
+    (what preference training uses as its reference model, with no second copy of the weights)."""
+    layers = [m for c in chunks for m in c.modules() if isinstance(m, LoraLinear)]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.disabled = False
