@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megaswift.converters.hf_io import CheckpointError
@@ -42,29 +42,31 @@ def iteration_dir(root: Path, iteration: int | str) -> Path:
     return root / ("release" if iteration == "release" else f"iter_{int(iteration):07d}")
 
 
-def per_layer(state: dict) -> dict:
+def per_layer(state):
     """`state` with every decoder-layer tensor under its own key (`decoder.layers.<global layer>.…`)
     instead of megatron's one tensor stacked over all layers.
 
     A stacked tensor must be covered by the layers of all ranks together; a subset of layers
     (LoRA on some layers, optimizer state of a partly frozen model) is not, and megatron-core
     refuses to save it. Per-layer keys stay reshardable over pipeline layouts (the key carries the
-    global layer number).
+    global layer number). Factories (SwiGLU's gate/up split) get the same treatment on what they build.
     """
-    out = {}
-    for k, v in state.items():
-        if isinstance(v, dict):
-            out[k] = per_layer(v)
-        elif isinstance(v, ShardedTensor) and v.prepend_axis_num and v.key.startswith("decoder.layers."):
-            layer = v.global_offset[0]
-            out[k] = dataclasses.replace(
-                v, key=v.key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1),
-                global_shape=v.global_shape[1:], global_offset=v.global_offset[1:],
-                axis_fragmentations=v.axis_fragmentations[1:] if v.axis_fragmentations else None,
-                prepend_axis_num=v.prepend_axis_num - 1)
-        else:
-            out[k] = v
-    return out
+    if isinstance(state, dict):
+        return {k: per_layer(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(per_layer(v) for v in state)
+    if isinstance(state, ShardedTensorFactory):
+        build = state.build_fn
+        return dataclasses.replace(state, build_fn=lambda *a, **k: per_layer(build(*a, **k)))
+    if isinstance(state, ShardedTensor) and state.prepend_axis_num and state.key.startswith("decoder.layers."):
+        v = state
+        layer = v.global_offset[0]
+        return dataclasses.replace(
+            v, key=v.key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1),
+            global_shape=v.global_shape[1:], global_offset=v.global_offset[1:],
+            axis_fragmentations=v.axis_fragmentations[1:] if v.axis_fragmentations else None,
+            prepend_axis_num=v.prepend_axis_num - 1)
+    return state
 
 
 def model_state_dict(models, trainable_only: bool = False) -> dict:

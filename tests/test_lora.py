@@ -23,7 +23,7 @@ from megaswift.training.setup import build_model, wrap_and_optimize
 from megaswift.training.step import train_step
 from megaswift.tuners import add_lora, count_parameters, set_trainable
 from megaswift.tuners.lora import LoraLinear, adapters_off
-from test_training import EVAL, ITERS, RTOL, _kill_after_checkpoint, _sft_args
+from test_training import ITERS, RTOL, _kill_after_checkpoint, _sft_args
 
 LORA = ["--train_type", "lora", "--lora_dropout", "0", "--lr", "1e-3"]
 

@@ -23,6 +23,10 @@ class ExportArgs:
     make_vocab_size_divisible_by: int = field(default=128, metadata={"help": "Pad the vocab rows to a multiple of this."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint (off unless asked)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --save directory."})
+    # LoRA
+    adapter_load: Optional[str] = field(default=None, metadata={"help": "A megaswift LoRA run (its --save) to export with --to_hf: a PEFT adapter folder, or with --merge_lora true an HF model with the adapter merged. Its base: --model / --load, else the one the run recorded."})
+    adapters: list[str] = field(default_factory=list, metadata={"help": "A PEFT LoRA folder to import with --to_mcore as a megaswift LoRA checkpoint (for --adapter_load); --model is its base (default: its base_model_name_or_path)."})
+    merge_lora: bool = field(default=False, metadata={"help": "With --adapter_load: fold the adapter into the base weights and write an HF model, instead of a PEFT adapter folder."})
 
     def __post_init__(self) -> None:
         if self.to_mcore + self.to_hf + self.to_cached_dataset != 1:
@@ -31,7 +35,28 @@ class ExportArgs:
             raise ValueError("--to_cached_dataset needs --model <hf_dir> (its tokenizer and chat template)")
         if not self.save:
             raise ValueError("--save is required: the output directory")
-        if self.to_mcore and not self.model:
+        if self.adapters:
+            if not self.to_mcore:
+                raise ValueError("--adapters (a PEFT folder) imports with --to_mcore true; a megaswift LoRA run "
+                                 "exports to HF with --adapter_load <run> --to_hf true")
+            if len(self.adapters) > 1:
+                raise ValueError(f"--adapters takes one PEFT folder, got {len(self.adapters)}; import them one by one")
+            if self.adapter_load:
+                raise ValueError("pass --adapters <peft_dir> (import) or --adapter_load <lora run> (export), not both")
+            if self.merge_lora:
+                raise ValueError("--merge_lora true with --adapters: import the PEFT folder without it, then "
+                                 "`megatron export --adapter_load <imported> --to_hf true --merge_lora true`")
+        if self.adapter_load and not self.to_hf:
+            raise ValueError("--adapter_load exports a LoRA run with --to_hf true (a PEFT folder, or with "
+                             "--merge_lora true the merged HF model)")
+        if self.merge_lora and not self.adapter_load:
+            raise ValueError("--merge_lora true needs --adapter_load <lora run> (the adapter to merge into "
+                             "its base); a full checkpoint exports with --load alone")
+        if self.test_convert_precision and (self.adapters or (self.adapter_load and not self.merge_lora)):
+            raise ValueError("--test_convert_precision compares a whole model: with a LoRA adapter it needs "
+                             "--adapter_load <run> --merge_lora true")
+        if self.to_mcore and not self.model and not self.adapters:
             raise ValueError("--to_mcore needs --model <hf_dir>")
-        if self.to_hf and not self.load:
-            raise ValueError("--to_hf needs --load <mcore_dir> (written by --to_mcore or training)")
+        if self.to_hf and not self.load and not self.adapter_load:
+            raise ValueError("--to_hf needs --load <mcore_dir> (written by --to_mcore or training), or "
+                             "--adapter_load <lora run>")

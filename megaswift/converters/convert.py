@@ -37,6 +37,7 @@ class Target:
     layer: int | None
     expert: int | None = None
     adapter: str | None = None  # the adapter's part of the name ("lora_A.weight"), else None
+    name: str = ""              # the parameter's own (local, wrapped) name in its chunk
 
     def hf_names(self) -> dict[str, str]:
         return self.mapping.hf_names(self.layer, self.expert)
@@ -70,7 +71,7 @@ def targets(models, family: Family, hf_config, placement: Placement) -> list[Tar
             (match, mapping), = hits
             layer, expert = _global_indices(model, match, placement)
             out.append(Target(param, fill(mapping.mcore, layer, expert), mapping, layer, expert,
-                              base.adapter))
+                              base.adapter, name))
     return out
 
 
@@ -146,17 +147,27 @@ def export_hf_tensors(models, family: Family, hf_config, dims: ModelDims, *,
     for t in targets(models, family, hf_config, placement):
         if t.adapter:
             continue
-        local = t.param.detach()
-        rank, size = placement.on(t.mapping.axis)
-        parts = [local]
-        if size > 1:
-            parts = [torch.empty_like(local) for _ in range(size)]
-            dist.all_gather(parts, local.contiguous(), group=_GROUPS[t.mapping.axis]())
-        if rank != 0 or _replica(t.mapping.axis) != 0 or (tied and t.mcore_name == "output_layer.weight"):
+        full = gather_full(t.param, t.mapping, placement)
+        if full is None or (tied and t.mcore_name == "output_layer.weight"):
             continue
         names = t.hf_names()
-        for role, tensor in t.mapping.to_hf(unshard(parts, t.mapping.shard), dims).items():
+        for role, tensor in t.mapping.to_hf(full, dims).items():
             yield names[role], tensor.cpu()
+
+
+def gather_full(param: torch.Tensor, mapping: Mapping, placement: Placement) -> torch.Tensor | None:
+    """The full tensor of `param` (split as `mapping` says) on the rank that writes it: rank 0 of
+    the mapping's axis group in the first data-parallel replica; None on every other rank.
+    Collective over the axis group: each of its ranks must call it, in the same order."""
+    local = param.detach()
+    rank, size = placement.on(mapping.axis)
+    parts = [local]
+    if size > 1:
+        parts = [torch.empty_like(local) for _ in range(size)]
+        dist.all_gather(parts, local.contiguous(), group=_GROUPS[mapping.axis]())
+    if rank != 0 or _replica(mapping.axis) != 0:
+        return None
+    return unshard(parts, mapping.shard)
 
 
 def _replica(axis: Axis) -> int:

@@ -35,6 +35,10 @@ class Mapping(ABC):
     shard: Shard = Shard.REPLICATED
     axis: Axis = Axis.TP
     roles: ClassVar[tuple[str, ...]] = ("hf",)
+    # The transforms only regroup, split or trim dim 0 (a weight's output features) and carry the
+    # other dims along, so they apply to any tensor with the weight's rows: a bias, LoRA's B.
+    # A mapping that also changes dim 1 must say False (its LoRA then has no PEFT form).
+    row_wise: ClassVar[bool] = True
 
     def hf_names(self, layer: int | None = None, expert: int | None = None) -> dict[str, str]:
         """{role: HF tensor name} for the global `layer` and `expert` (None where not indexed)."""

@@ -78,12 +78,12 @@ def add_lora(chunks: list, cfg: dict, seed: int) -> int:
     wrapped = 0
     names = set()
     for chunk in chunks:
+        names.update(re.sub(r"\.\d+\.", ".*.", g) for _, g, _ in _lora_candidates(chunk))
         for local, glob, module in _lora_targets(chunk, cfg):
             _set_submodule(chunk, local, LoraLinear(
                 module, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
                 use_rslora=cfg["use_rslora"], key=glob, seed=seed))
             wrapped += 1
-        names.update(re.sub(r"\.\d+\.", ".*.", g) for _, g, _ in _lora_candidates(chunk))
     if not cfg.get("target_regex"):
         known = {n.rsplit(".", 1)[-1] for n in names}
         unknown = [t for t in cfg["target_modules"] if t not in ("all-linear", "all-router")

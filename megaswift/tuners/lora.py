@@ -40,6 +40,8 @@ from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_paralle
                                                     gather_from_sequence_parallel_region,
                                                     reduce_from_tensor_model_parallel_region,
                                                     reduce_scatter_to_sequence_parallel_region)
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import nn
 
@@ -205,6 +207,14 @@ class LoraLinear(nn.Module):
         own = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
         axis = {"lora_B.weight": 0} if self.mode == COLUMN else {"lora_A.weight": 1}
         out.update(make_sharded_tensors_for_checkpoint(own, prefix, axis, sharded_offsets))
+        if self.mode == COLUMN and self.key.endswith("linear_fc1") and getattr(self.base_layer.config, "gated_linear_unit", False):
+            # SwiGLU fc1 holds [gate_r; up_r] on TP rank r: saved as megatron saves the fc1 weight
+            # itself ([gate; up] whatever the TP size), or a run resumed or exported at another TP
+            # size would mix gate and up rows. (megatron's MLP only does this for `linear_fc1.weight`.)
+            singleton = (metadata or {}).get("singleton_local_shards", False)
+            for k in (f"{prefix}base_layer.weight", f"{prefix}base_layer.bias", f"{prefix}lora_B.weight"):
+                if k in out and isinstance(out[k], ShardedTensor):
+                    out[k] = apply_swiglu_sharded_factory(out[k], sharded_offsets, singleton)
         return out
 
     def extra_repr(self) -> str:
