@@ -21,6 +21,7 @@ COMMANDS = {
     "export": "megaswift.commands.export",
     "sft": "megaswift.commands.sft",
     "pt": "megaswift.commands.pt",
+    "rlhf": "megaswift.commands.rlhf",
 }
 
 

@@ -25,7 +25,7 @@ class DataArgs:
     strict: bool = field(default=False, metadata={"help": "true: the first bad row is an error naming file and row; false: bad rows are dropped and counted."})
     template: Optional[str] = field(default=None, metadata={"help": "Built-in chat template (chatml, qwen, llama3, default); default: the tokenizer's own."})
     system: Optional[str] = field(default=None, metadata={"help": "System prompt that overrides the rows' and the template's."})
-    loss_scale: str = field(default="default", metadata={"help": "Which tokens are trained.", "choices": LOSS_SCALES})
+    loss_scale: str = field(default="default", metadata={"help": "Which tokens are trained: default (every assistant turn; pt: every token; preference pairs: as last_round), last_round (the assistant turns after the last user turn) or all.", "choices": LOSS_SCALES})
     max_length: Optional[int] = field(default=None, metadata={"help": "Longest tokenised sample."})
     truncation_strategy: str = field(default="delete", metadata={"help": "What to do with longer samples.", "choices": TRUNCATION})
     dataset_shuffle: bool = field(default=True, metadata={"help": "Shuffle the dataset: `#N` samples at random (false: the first N rows) and streams pass through a --shuffle_buffer_size buffer, re-seeded every epoch (false: read in order)."})

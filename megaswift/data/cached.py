@@ -1,7 +1,9 @@
 """Cached datasets: tokenise (and pack) once with `megatron export --to_cached_dataset true`,
 then train from the result with `--cached_dataset <dir>`.
 
-    <dir>/train/        datasets.save_to_disk: input_ids, labels, length | lengths (packed)
+    <dir>/train/        datasets.save_to_disk: input_ids, labels, length | lengths (packed);
+                        preference pairs (preference=True): chosen_input_ids, chosen_labels,
+                        rejected_input_ids, rejected_labels, length | input_ids, labels, lengths, pairs
     <dir>/val/          same, when a validation split exists
     <dir>/stats.json    rows, dropped, truncated, tokens, packing_efficiency, ...
     <dir>/data_args.json  the data flags that produced it
@@ -22,15 +24,24 @@ from megaswift.data.pipeline import DataStats, build_datasets
 STATS = "stats.json"
 
 
-def write_cached_dataset(data: DataArgs, tokenizer, out: Path) -> DataStats:
-    """Tokenise `data` with `tokenizer` into `out` (which the caller stages and publishes)."""
+def write_cached_dataset(data: DataArgs, tokenizer, out: Path, *, preference: bool = False) -> DataStats:
+    """Tokenise `data` with `tokenizer` into `out` (which the caller stages and publishes).
+
+    ``preference=True``: preference pairs (`build_preference_datasets`); stats.json then also
+    holds ``"preference": true``, and `preference.is_preference_dataset` recognises the loaded sets."""
     if data.lazy_tokenize or data.streaming:
         raise ValueError("--to_cached_dataset tokenises everything now: drop --lazy_tokenize/--streaming")
-    train, val, stats = build_datasets(data, tokenizer)
+    if preference:
+        from megaswift.data.preference import build_preference_datasets
+
+        train, val, stats = build_preference_datasets(data, tokenizer)
+    else:
+        train, val, stats = build_datasets(data, tokenizer)
     train.save_to_disk(str(out / "train"))
     if val is not None:
         val.save_to_disk(str(out / "val"))
-    (out / STATS).write_text(json.dumps(stats.as_json(), indent=2) + "\n")
+    record = {**stats.as_json(), **({"preference": True} if preference else {})}
+    (out / STATS).write_text(json.dumps(record, indent=2) + "\n")
     (out / "data_args.json").write_text(json.dumps(asdict(data), indent=2) + "\n")
     return stats
 

@@ -14,6 +14,15 @@ optional LLaMA-Factory ``chosen``/``rejected``), ``chosen_messages``/``rejected_
 ``instruction``/``input``/``output``, ``query``/``response``, ``prompt``/``completion`` and
 plain ``text`` (pretraining: the text is the assistant response). ``system`` and ``history``
 columns are honoured where the format has them.
+
+Preference rows (``rejected_response`` set) come from: ms-swift ``messages`` (ending with the chosen
+assistant turn) + ``rejected_response`` (or + ``rejected_messages``); LLaMA-Factory sharegpt
+``conversations`` + ``chosen``/``rejected`` message dicts; LLaMA-Factory alpaca
+``instruction``/``input`` + ``chosen``/``rejected`` strings, or an ``output`` list
+``[chosen, rejected]`` (its older ranking format); TRL's ``prompt``/``chosen``/``rejected`` (strings
+or message lists) and its implicit-prompt form (``chosen``/``rejected`` full conversations);
+``chosen_messages``/``rejected_messages`` (LLaMA-Factory v1). Where the rejected side is a full
+conversation, everything before its last message must equal the chosen side's ("prompt mismatch").
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ logger = logging.getLogger("megaswift.data")
 AnyDataset = Union[datasets.Dataset, datasets.IterableDataset]
 
 REASONS = ("unknown format", "missing field", "wrong type", "empty assistant turn",
-           "no assistant turn", "invalid JSON", "invalid UTF-8")
+           "no assistant turn", "invalid JSON", "invalid UTF-8", "prompt mismatch")
 CANONICAL_COLUMNS = ("messages", "rejected_response", "tools", "__source__", "__row__")
 CANONICAL_FEATURES = datasets.Features({
     "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
@@ -165,6 +174,17 @@ def _assistant_text(value: Any, field: str) -> str:
     return _text(value, field)
 
 
+def _rejected_conversation(row: dict, key: str, chosen: list[dict]) -> str:
+    """The last assistant text of a full rejected conversation whose prompt must match ``chosen``'s."""
+    rejected = _messages(row, key)
+    if not rejected or rejected[-1]["role"] != "assistant":
+        raise RowError("no assistant turn", f"{key!r} does not end with an assistant message")
+    if rejected[:-1] != chosen[:-1]:
+        raise RowError("prompt mismatch", f"the messages before the last one of {key!r} differ from the "
+                       "chosen conversation's")
+    return rejected[-1]["content"]
+
+
 def _pairs(row: dict, key: str = "history") -> list[dict]:
     out = []
     for pair in (_list(row, key) if _has(row, key) else []):
@@ -207,7 +227,8 @@ def _preference(row: dict) -> tuple[list[dict], Optional[str]]:
     """Rows with chosen/rejected; returns (messages ending with chosen, rejected text)."""
     if _has(row, "chosen_messages"):
         _need(row, "rejected_messages")
-        return _messages(row, "chosen_messages"), _opt(row, "rejected_messages")
+        chosen = _messages(row, "chosen_messages")
+        return chosen, _rejected_conversation(row, "rejected_messages", chosen)
     _need(row, "chosen", "rejected")
     if _has(row, "conversations"):
         prompt = _system(row) + _messages(row, "conversations")
@@ -216,7 +237,10 @@ def _preference(row: dict) -> tuple[list[dict], Optional[str]]:
     elif _has(row, "instruction") or _has(row, "input"):
         prompt = _system(row) + _alpaca_prompt(row)
     elif isinstance(row["chosen"], list):  # implicit prompt: full conversations
-        return _messages(row, "chosen"), _opt(row, "rejected")
+        chosen = _messages(row, "chosen")
+        if isinstance(row["rejected"], list) and len(row["rejected"]) > 1:
+            return chosen, _rejected_conversation(row, "rejected", chosen)
+        return chosen, _opt(row, "rejected")
     else:
         raise RowError("missing field", "string 'chosen'/'rejected' need a 'prompt'")
     return prompt + [_asst(_assistant_text(row["chosen"], "chosen"))], _opt(row, "rejected")
@@ -234,14 +258,24 @@ def _alpaca_prompt(row: dict) -> list[dict]:
 def _build(row: dict) -> tuple[list[dict], Optional[str]]:
     """Detect the format and return (messages, rejected_response) before validation."""
     if _has(row, "messages"):
-        return _messages(row, "messages"), _opt(row, "rejected_response")
+        messages = _messages(row, "messages")
+        if _has(row, "rejected_messages") and not _has(row, "rejected_response"):
+            return messages, _rejected_conversation(row, "rejected_messages", messages)
+        return messages, _opt(row, "rejected_response")
     if _has(row, "chosen") or _has(row, "chosen_messages"):
         return _preference(row)
     if _has(row, "conversations"):
         return _system(row) + _messages(row, "conversations"), None
     if any(_has(row, k) for k in ("instruction", "input", "output")):
         _need(row, "output")
-        return _system(row) + _alpaca_prompt(row) + [_asst(_text(row["output"], "output"))], None
+        prompt = _system(row) + _alpaca_prompt(row)
+        if isinstance(row["output"], list) and not any(isinstance(x, dict) for x in row["output"]):
+            # LLaMA-Factory's older ranking rows: [chosen, rejected] (a list of dicts: content parts)
+            if len(row["output"]) != 2:
+                raise RowError("wrong type", f"a list 'output' must be [chosen, rejected], got "
+                               f"{len(row['output'])} items")
+            return prompt + [_asst(_text(row["output"][0], "output[0]"))], _text(row["output"][1], "output[1]")
+        return prompt + [_asst(_text(row["output"], "output"))], None
     if _has(row, "query") or _has(row, "response"):
         _need(row, "query", "response")
         turn = [_user(_text(row["query"], "query")), _asst(_text(row["response"], "response"))]

@@ -42,6 +42,8 @@ def fixed_shape(job, datasets=()) -> tuple[int, int] | None:
         raise ValueError("--virtual_pipeline_model_parallel_size needs --max_length (micro-batches "
                          "are padded to a fixed shape)")
     mbs = job.train.micro_batch_size
+    if job.mode == "rlhf" and not job.data.packing:
+        mbs *= 2  # a preference pair is two sequences (chosen, rejected) of up to --max_length each
     if not job.data.padding_free:
         return (length, mbs)
     cp = job.parallel.context_parallel_size
@@ -57,14 +59,60 @@ def fixed_shape(job, datasets=()) -> tuple[int, int] | None:
 
 
 def training_method(job, tokenizer, fixed) -> TrainingMethod:
-    """The method `megatron pt/sft` trains with: language modelling on this run's batch layout."""
+    """The method the command trains with: language modelling (pt/sft) or DPO (rlhf), on this
+    run's batch layout."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     multiple = job.parallel.sequence_multiple
     if fixed is not None and fixed[0] % multiple:
         raise ValueError(f"fixed micro-batch length {fixed[0]} must be a multiple of {multiple} "
                          "(TP with sequence parallel / 2 x CP): adjust --max_length")
-    return LanguageModeling(pad_id=pad_id, padding_free=job.data.padding_free, multiple=multiple,
-                            cp=job.parallel.context_parallel_size, length=fixed[0] if fixed else None)
+    layout = dict(pad_id=pad_id, padding_free=job.data.padding_free, multiple=multiple,
+                  cp=job.parallel.context_parallel_size, length=fixed[0] if fixed else None)
+    if job.mode == "rlhf":
+        from megaswift.training.preference import DirectPreference
+
+        return DirectPreference(job.rlhf.loss_config(), **layout)
+    return LanguageModeling(**layout)
+
+
+def _reference(job, hf, dtype, t, fixed, method, model, chunks) -> None:
+    """The DPO reference model: LoRA's base (the policy with its adapters off), or a frozen copy of
+    the starting weights (--ref_load, else the policy's --load/--model), with --ref_adapter_load's
+    adapters merged in when given."""
+    from megaswift.training.preference import reference_runner
+    from megaswift.tuners.lora import LoraLinear, adapters_off
+
+    r = job.rlhf
+    if job.tuner.lora and not r.ref_adapter_load and not r.ref_load:
+        method.reference = reference_runner(method, model, adapters_off)
+        log("reference model: the policy with its LoRA adapters off")
+        return
+    ref_chunks, _ = build_model(hf, job.parallel, dtype, t, fixed)
+    if r.ref_load:
+        load_models(ref_chunks, Path(r.ref_load).expanduser())
+        where = r.ref_load
+    else:
+        _load_weights(dataclasses.replace(job, model=dataclasses.replace(job.model, finetune=True)), hf, ref_chunks)
+        where = job.model.model or job.model.load
+    if r.ref_adapter_load:
+        from megaswift.checkpointing import CheckpointRecord
+
+        root = Path(r.ref_adapter_load).expanduser()
+        cfg = CheckpointRecord.read(root).flags.get("tuner") or {}
+        if cfg.get("train_type") != "lora":
+            raise ValueError(f"--ref_adapter_load {r.ref_adapter_load} is not a LoRA run")
+        add_lora(ref_chunks, {**job.tuner.lora_config(), **cfg, "lora_dropout": 0.0}, t.seed)
+        set_trainable(ref_chunks, dataclasses.replace(job.tuner, train_type="lora",
+                                                      modules_to_save=cfg.get("modules_to_save", [])))
+        load_models(ref_chunks, root, trainable_only=True)
+        for m in (m for c in ref_chunks for m in c.modules() if isinstance(m, LoraLinear)):
+            m.merge_()
+            m.disabled = True
+        where = f"{where} + adapters {r.ref_adapter_load}"
+    for c in ref_chunks:
+        c.requires_grad_(False)
+    method.reference = reference_runner(method, ref_chunks)
+    log(f"reference model: a frozen copy of {where}")
 
 
 def _sample_lengths(ds) -> list[int] | None:
@@ -171,12 +219,15 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
     counts = count_parameters(chunks)
     log(counts.line())
     model, optimizer, scheduler = wrap_and_optimize(chunks, config, t, iters)
+    method = training_method(job, tokenizer, fixed)
+    if job.mode == "rlhf":
+        _reference(job, hf, dtype, t, fixed, method, model, chunks)
     start = 0
     if resume or adapters == "resume":
         root = Path(job.tuner.adapter_load if adapters else job.model.load).expanduser()
-        start = load_training_state(root, chunks, optimizer, scheduler, trainable_only=job.tuner.lora)
+        start = load_training_state(root, chunks, optimizer, scheduler, trainable_only=job.tuner.lora,
+                                    method=method)
         log(f"resumed from {root} at iteration {start}")
-    method = training_method(job, tokenizer, fixed)
     if val_ds is not None and t.eval_interval:
         val_ds = _eval_rows(val_ds, t, dp_size)
     writer = dist.get_rank() == dist.get_world_size() - 1   # on the last stage, holds the loss
@@ -193,10 +244,11 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
                 log(f"--max_epochs {t.max_epochs}: the training stream is exhausted; stopped after iteration {it}")
                 if save_root is not None and it > start and not (t.save_interval and it % t.save_interval == 0):
                     save_training_state(save_root, it, chunks, optimizer, scheduler, save_optim=not t.no_save_optim,
-                                        save_rng=not t.no_save_rng, trainable_only=job.tuner.lora)
+                                        save_rng=not t.no_save_rng, trainable_only=job.tuner.lora, method=method)
                     log(f"saved iteration {it} to {save_root}")
                 break
-            batches = [step.collated(method.collate) for _ in model]
+            batches = _prepared([step.collated(method.collate) for _ in model], method, sampler.num_microbatches,
+                                config, fixed)
             metrics = train_step(model, optimizer, scheduler, batches, sampler.num_microbatches, config,
                                  method, fixed)
             it += 1
@@ -211,7 +263,7 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
             should_stop = _agree(stop["flag"])
             if save_root is not None and (should_stop or it == iters or (t.save_interval and it % t.save_interval == 0)):
                 save_training_state(save_root, it, chunks, optimizer, scheduler, save_optim=not t.no_save_optim,
-                                    save_rng=not t.no_save_rng, trainable_only=job.tuner.lora)
+                                    save_rng=not t.no_save_rng, trainable_only=job.tuner.lora, method=method)
                 log(f"saved iteration {it} to {save_root}")
             if should_stop:
                 log(f"{stop.get('signal') or 'SIGTERM'}: stopped after iteration {it}"
@@ -219,6 +271,16 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
                 break
     finally:
         logger.close()
+
+
+def _prepared(batches: list, method, num_microbatches: int, config, fixed) -> list:
+    """The micro-batch iterators of one step; a method with a `prepare` pass (DPO's reference
+    model) sees them first, so they are materialised."""
+    if not hasattr(method, "prepare"):
+        return batches
+    lists = [list(b) for b in batches]
+    method.prepare(lists, num_microbatches, config, fixed)
+    return [iter(b) for b in lists]
 
 
 def _agree(flag: bool) -> bool:
@@ -240,7 +302,8 @@ def _evaluate(model, val_ds, method, fixed, t, config, dp_rank, dp_size) -> dict
         for g in groups:
             yield method.collate([s for s in (val_ds[i] for i in g) if s is not None] or [EMPTY_SAMPLE])
 
-    return eval_step(model, [batches() for _ in model], len(groups), config, method, fixed)
+    return eval_step(model, _prepared([batches() for _ in model], method, len(groups), config, fixed), len(groups),
+                     config, method, fixed)
 
 
 def _count_params(chunks) -> int:

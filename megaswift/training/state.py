@@ -39,13 +39,15 @@ def _sharded_state(chunks, optimizer, scheduler, with_optimizer: bool, loading: 
 
 
 def save_training_state(root: Path, iteration: int, chunks, optimizer, scheduler, *,
-                        save_optim: bool, save_rng: bool, trainable_only: bool = False) -> Path:
+                        save_optim: bool, save_rng: bool, trainable_only: bool = False, method=None) -> Path:
     """Every rank calls it; the tracker is written last, after all ranks finished.
 
     `trainable_only` (LoRA): the model part holds the adapters (and modules_to_save) only.
     """
     state = _sharded_state(chunks, optimizer, scheduler, save_optim, loading=False, trainable_only=trainable_only)
     state["has_optimizer"] = save_optim
+    if hasattr(method, "state_dict"):  # a training method's own running state (DPO's bco_pair mean)
+        state["method_state"] = method.state_dict()
 
     def save_rng_state(ckpt: Path) -> None:  # before the tracker: a checkpoint is complete or invisible
         (ckpt / "rng").mkdir(parents=True, exist_ok=True)
@@ -60,7 +62,7 @@ def has_optimizer_state(root: Path) -> bool:
 
 
 @torch.no_grad()
-def load_training_state(root: Path, chunks, optimizer, scheduler, trainable_only: bool = False) -> int:
+def load_training_state(root: Path, chunks, optimizer, scheduler, trainable_only: bool = False, method=None) -> int:
     """Restore model (all of it, or its trainable part), optimizer, schedule and RNG; returns the
     iteration to continue from."""
     ckpt = resolve(root)
@@ -71,6 +73,8 @@ def load_training_state(root: Path, chunks, optimizer, scheduler, trainable_only
     optimizer.load_state_dict(loaded["optimizer"])
     megatron_fixes.after_optimizer_load(optimizer, loaded["optimizer"])
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if hasattr(method, "load_state_dict"):
+        method.load_state_dict(loaded.get("method_state") or {})
     rng_file = ckpt / "rng" / f"rank_{dist.get_rank()}.pt"
     if rng_file.exists():
         _set_rng_state(torch_load(rng_file, rng_file))

@@ -37,7 +37,12 @@ def _megatron_loss(loss_func, per_token: bool, output: torch.Tensor):
 
 def forward_step(data_iterator: Iterator, model, method: TrainingMethod, per_token: bool = True):
     """megatron's forward_step_func: (output, loss function) of the next micro-batch."""
-    batch = next(data_iterator).to(next(model.parameters()).device)
+    batch = next(data_iterator)
+    moved = batch.to(next(model.parameters()).device)
+    for k, v in vars(batch).items():  # what a method's `prepare` attached (DPO's reference log-probs)
+        if k not in vars(moved):
+            setattr(moved, k, v)
+    batch = moved
     output, loss_func = method.forward(model, batch)
     return output, partial(_megatron_loss, loss_func, per_token)
 
@@ -56,7 +61,7 @@ def reduce_reports(losses: list[dict], names: tuple[str, ...]) -> Totals:
     return {k: (total[i, 0].item(), total[i, 1].item()) for i, k in enumerate(names)}
 
 
-def _run_schedule(model: list, batches: list[Iterator], num_microbatches: int, config, method: TrainingMethod,
+def run_schedule(model: list, batches: list[Iterator], num_microbatches: int, config, method: TrainingMethod,
                   shape: Optional[tuple[int, int]], forward_only: bool):
     fwd_bwd = get_forward_backward_func()
     iterators = batches if len(model) > 1 else batches[0]
@@ -82,7 +87,7 @@ def train_step(model: list, optimizer, scheduler, batches: list[Iterator], num_m
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = _run_schedule(model, batches, num_microbatches, config, method, shape, forward_only=False)
+    losses = run_schedule(model, batches, num_microbatches, config, method, shape, forward_only=False)
     ok, grad_norm, _ = optimizer.step()
     if ok:
         scheduler.step(increment=1)
@@ -96,7 +101,7 @@ def eval_step(model: list, batches: list[Iterator], num_microbatches: int, confi
     for chunk in model:
         chunk.eval()
     try:
-        losses = _run_schedule(model, batches, num_microbatches, config, method, shape, forward_only=True)
+        losses = run_schedule(model, batches, num_microbatches, config, method, shape, forward_only=True)
     finally:
         for chunk in model:
             chunk.train()

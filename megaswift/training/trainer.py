@@ -51,7 +51,10 @@ def _save_root(train: TrainArgs) -> Path | None:
 
 def _build_data(job: Job, tokenizer):
     from megaswift.data.cached import load_cached_datasets
-    from megaswift.data.pipeline import build_datasets
+    from megaswift.data.pipeline import build_datasets as build_rows
+    from megaswift.data.preference import build_preference_datasets
+
+    build_datasets = build_preference_datasets if job.mode == "rlhf" else build_rows  # pairs for DPO
 
     if job.data.cached_dataset:
         train, val = load_cached_datasets(job.data.cached_dataset)
