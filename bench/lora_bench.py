@@ -26,9 +26,11 @@ _PEAK = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
          "sys.exit(r.returncode)")
 
 
-def run(name: str, hf: str, data: str, work: Path, steps: int, batch: int, max_length: int, extra: list[str]) -> dict:
+def run(name: str, hf: str, data: str, work: Path, steps: int, batch: int, max_length: int, extra: list[str],
+        command: str = "sft") -> dict:
+    """One `megatron <command>` run in its own process: s/it, peak RSS, checkpoint bytes, trainable parameters."""
     save = work / name
-    cmd = [sys.executable, "-c", _PEAK, sys.executable, "-m", "megaswift.cli", "sft", "--model", hf,
+    cmd = [sys.executable, "-c", _PEAK, sys.executable, "-m", "megaswift.cli", command, "--model", hf,
            "--dataset", f"{data}#{steps * batch}", "--save", str(save), "--add_version", "false",
            "--torch_dtype", "float32", "--max_length", str(max_length), "--micro_batch_size", str(batch),
            "--global_batch_size", str(batch), "--train_iters", str(steps), "--lr_warmup_iters", "0", *extra]

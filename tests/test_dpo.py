@@ -164,3 +164,22 @@ def test_lora_dpo_from_an_sft_adapter_megatron_swift_recipe(model_dir, dataset, 
     assert logged(save)[1] == pytest.approx(0.6931471805599453, abs=1e-5)  # merged vs unmerged: float noise only
     assert abs(logged(save, "rewards/margins")[1]) < 1e-5
     assert logged(save, "logps/chosen")[1] != logged(save, "logps/chosen")[2]
+
+
+def test_dpo_resume_after_sigkill_equals_uninterrupted(model_dir, pairs, ref_mcore, tmp_path):
+    from test_training import _kill_after_checkpoint
+
+    full, killed, resumed = tmp_path / "full", tmp_path / "killed", tmp_path / "resumed"
+    ok(run_megatron(_args(model_dir, pairs, ref_mcore[1], full, 4)))
+    _kill_after_checkpoint(_args(model_dir, pairs, ref_mcore[1], killed, 4, "--save_interval", "2"), killed, 2, 1)
+    args = _args(model_dir, pairs, ref_mcore[1], resumed, 4)
+    args[args.index("--model"):args.index("--model") + 2] = ["--load", str(killed)]
+    del args[args.index("--ref_load"):args.index("--ref_load") + 2]  # the run's own reference, from its args.json
+    out = ok(run_megatron(args))
+    assert f"resumed from {killed} at iteration 2" in out.stderr
+    assert f"reference model: a frozen copy of {ref_mcore[1]}" in out.stderr
+    for key in FIGURES:
+        want, got = logged(full, key), logged(resumed, key)
+        assert sorted(got) == [3, 4], (key, got)
+        for it in got:
+            assert got[it] == want[it], (key, it, got[it], want[it])

@@ -75,7 +75,30 @@ def training_method(job, tokenizer, fixed) -> TrainingMethod:
     return LanguageModeling(**layout)
 
 
-def _reference(job, hf, dtype, t, fixed, method, model, chunks) -> None:
+def _reference_source(job, resume: bool) -> tuple[str | None, str | None]:
+    """(MCore checkpoint, HF folder) the reference model is read from: --ref_load, else the
+    policy's starting weights. A resumed run (--load of a run, with its optimizer) started from
+    whatever that run started from, so its args.json is followed back to the first weights."""
+    if job.rlhf.ref_load:
+        return job.rlhf.ref_load, None
+    load, model = job.model.load, job.model.model
+    from megaswift.checkpointing import CheckpointRecord
+
+    for _ in range(100):
+        if model or not (load and resume):
+            return load, model
+        flags = CheckpointRecord.read(Path(load).expanduser()).flags
+        if (flags.get("rlhf") or {}).get("ref_load"):
+            return flags["rlhf"]["ref_load"], None
+        args = flags.get("model_args") or {}
+        if not (args.get("model") or args.get("load")):
+            return load, None  # an export: it is the starting point
+        resume = bool(args.get("load")) and not args.get("finetune")
+        load, model = args.get("load"), args.get("model")
+    return load, model
+
+
+def _reference(job, hf, dtype, t, fixed, method, model, chunks, resume: bool) -> None:
     """The DPO reference model: LoRA's base (the policy with its adapters off), or a frozen copy of
     the starting weights (--ref_load, else the policy's --load/--model), with --ref_adapter_load's
     adapters merged in when given."""
@@ -88,12 +111,13 @@ def _reference(job, hf, dtype, t, fixed, method, model, chunks) -> None:
         log("reference model: the policy with its LoRA adapters off")
         return
     ref_chunks, _ = build_model(hf, job.parallel, dtype, t, fixed)
-    if r.ref_load:
-        load_models(ref_chunks, Path(r.ref_load).expanduser())
-        where = r.ref_load
+    ref_load, ref_model = _reference_source(job, resume)
+    if ref_load and not ref_model:
+        load_models(ref_chunks, Path(ref_load).expanduser())
     else:
-        _load_weights(dataclasses.replace(job, model=dataclasses.replace(job.model, finetune=True)), hf, ref_chunks)
-        where = job.model.model or job.model.load
+        _load_weights(dataclasses.replace(job, model=dataclasses.replace(job.model, model=ref_model, load=ref_load,
+                                                                         finetune=True)), hf, ref_chunks)
+    where = ref_model or ref_load
     if r.ref_adapter_load:
         from megaswift.checkpointing import CheckpointRecord
 
@@ -221,7 +245,7 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
     model, optimizer, scheduler = wrap_and_optimize(chunks, config, t, iters)
     method = training_method(job, tokenizer, fixed)
     if job.mode == "rlhf":
-        _reference(job, hf, dtype, t, fixed, method, model, chunks)
+        _reference(job, hf, dtype, t, fixed, method, model, chunks, resume)
     start = 0
     if resume or adapters == "resume":
         root = Path(job.tuner.adapter_load if adapters else job.model.load).expanduser()
