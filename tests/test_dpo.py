@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import logged, make_tiny_model, ok, run_cli, run_megatron  # noqa: F401
+from conftest import logged, make_tiny_model, ok, run_cli, run_megatron
+from test_lora import LAYOUTS  # the layouts the issues name: TP=2+SP, PP=2, CP=2, DP=2 with the distributed optimizer
 
 ITERS = 4
 RTOL = 1e-5
@@ -101,14 +102,6 @@ def dpo_reference(model_dir, pairs, ref_mcore, tmp_path_factory):
     save = tmp_path_factory.mktemp("dpo-one") / "run"
     ok(run_megatron(_args(model_dir, pairs, ref_mcore[1], save)))
     return {k: logged(save, k) for k in (*FIGURES, "grad_norm")}
-
-
-LAYOUTS = {
-    "tp2_sp": (2, ["--tensor_model_parallel_size", "2", "--sequence_parallel", "true"]),
-    "pp2": (2, ["--pipeline_model_parallel_size", "2"]),
-    "cp2": (2, ["--context_parallel_size", "2"]),
-    "dp2_distopt": (2, ["--use_distributed_optimizer", "true"]),
-}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

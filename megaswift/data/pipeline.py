@@ -248,21 +248,31 @@ def build_datasets(data: DataArgs, tokenizer) -> tuple[Any, Any, DataStats]:
     val = None
     if val_rows is not None:
         val = tokenize(val_rows, template, data, val_stats)
-    for ds, what, specs, st, counts in ((train, "training", data.dataset, stats, dropped),
+    return finish_datasets(train, val, data, (stats, val_stats), (dropped, val_dropped),
+                           data.resolved_packing_length if data.packing else None, pack_dataset, PackedStream)
+
+
+def finish_datasets(train, val, data: DataArgs, stats: tuple, dropped: tuple, capacity: Optional[int],
+                    pack, packed_stream, kind: str = ""):
+    """The common end of building datasets (rows or preference pairs): a split with no row left
+    is an error naming the sources and why rows were dropped; then packing into rows of
+    ``capacity`` (``pack`` for datasets, ``packed_stream`` for streams); returns (train, val, stats)."""
+    (train_stats, val_stats), (train_dropped, val_dropped) = stats, dropped
+    for ds, what, specs, st, counts in ((train, "training", data.dataset, train_stats, train_dropped),
                                        (val, "validation", data.val_dataset or data.dataset, val_stats, val_dropped)):
+        what = f"{what} {kind}".strip()
         if isinstance(ds, datasets.Dataset) and len(ds) == 0:
             raise _no_rows(what, specs, st.dropped, data)
         if isinstance(ds, datasets.IterableDataset):
             _first_row(ds, what, specs, [counts, st.dropped], data)
-    if data.packing:
-        capacity = data.resolved_packing_length
+    if capacity:
         if isinstance(train, datasets.IterableDataset):
-            train = PackedStream(train, capacity)
-            val = PackedStream(val, capacity) if val is not None else None
+            train = packed_stream(train, capacity)
+            val = packed_stream(val, capacity) if val is not None else None
         else:
-            train = pack_dataset(train, capacity, stats)
+            train = pack(train, capacity, train_stats)
             if val is not None:
-                val = pack_dataset(val, capacity, val_stats)
+                val = pack(val, capacity, val_stats)
     if val is not None:
-        stats.val = val_stats.as_json()
-    return train, val, stats
+        train_stats.val = val_stats.as_json()
+    return train, val, train_stats

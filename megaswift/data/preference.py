@@ -48,8 +48,7 @@ import pyarrow.compute as pc
 from megaswift.args.data import DataArgs
 from megaswift.data.formats import RowError
 from megaswift.data.packing import efficiency, pack_rows, pack_stream
-from megaswift.data.pipeline import (DataStats, LazyTokenized, PackedStream, _DropCounter, _first_row, _no_rows,
-                                     _truncate)
+from megaswift.data.pipeline import DataStats, LazyTokenized, PackedStream, _DropCounter, _truncate, finish_datasets
 from megaswift.data.sources import load_sources, split
 from megaswift.data.template import IGNORE_INDEX, Template
 
@@ -298,23 +297,8 @@ def build_preference_datasets(data: DataArgs, tokenizer) -> tuple[Any, Any, Data
     val_stats.dropped.update(val_dropped)
     train = tokenize_pairs(train_rows, template, data, stats, capacity)
     val = tokenize_pairs(val_rows, template, data, val_stats, capacity) if val_rows is not None else None
-    for ds, what, specs, st, counts in ((train, "training", data.dataset, stats, dropped),
-                                       (val, "validation", data.val_dataset or data.dataset, val_stats, val_dropped)):
-        if isinstance(ds, datasets.Dataset) and len(ds) == 0:
-            raise _no_rows(f"{what} preference", specs, st.dropped, data)
-        if isinstance(ds, datasets.IterableDataset):
-            _first_row(ds, f"{what} preference", specs, [counts, st.dropped], data)
-    if capacity:
-        if isinstance(train, datasets.IterableDataset):
-            train = PackedPairStream(train, capacity)
-            val = PackedPairStream(val, capacity) if val is not None else None
-        else:
-            train = pack_pairs(train, capacity, stats)
-            if val is not None:
-                val = pack_pairs(val, capacity, val_stats)
-    if val is not None:
-        stats.val = val_stats.as_json()
-    return train, val, stats
+    return finish_datasets(train, val, data, (stats, val_stats), (dropped, val_dropped), capacity, pack_pairs,
+                           PackedPairStream, kind="preference")
 
 
 def is_preference_dataset(ds) -> bool:
