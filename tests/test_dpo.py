@@ -128,6 +128,16 @@ def test_lora_dpo_reference_is_the_base(model_dir, pairs, tmp_path):
     assert "the policy with its LoRA adapters off" in out.stderr
     assert logged(save)[1] == pytest.approx(0.6931471805599453, rel=1e-6)
     assert logged(save, "rewards/margins")[1] == 0.0 and logged(save, "rewards/margins")[2] != 0.0
+    # full-parameter DPO whose reference is the base weights: the same figures at iteration 1
+    full = tmp_path / "full"
+    full_args = list(args)
+    for flag in ("--train_type", "--lora_dropout"):
+        del full_args[full_args.index(flag):full_args.index(flag) + 2]
+    full_args[full_args.index("--save") + 1] = str(full)
+    full_args[full_args.index("--train_iters") + 1] = "1"
+    ok(run_megatron(full_args))
+    for key in FIGURES:
+        assert logged(full, key)[1] == pytest.approx(logged(save, key)[1], rel=1e-6, abs=1e-9), key
 
 
 def test_rlhf_bad_input(model_dir, pairs, tmp_path):
