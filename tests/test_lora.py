@@ -233,3 +233,18 @@ def test_adapter_flags_bad_input(lora_run, model_dir, dataset, tmp_path):
     out = ok(run_megatron(args))
     assert f"loaded adapters from {lora_run} (iteration 0)" in out.stderr
     assert json.loads((tmp_path / "cont" / "args.json").read_text())["tuner"]["adapter_load"] == str(lora_run)
+
+
+def test_lora_bias_all_and_modules_to_save_train(qwen2_chunk):
+    """--lora_bias all trains every bias (qwen2's QKV biases), --modules_to_save the named modules in full."""
+    chunks, _, hf, _ = qwen2_chunk
+    add_lora(chunks, _cfg(target_modules=["linear_proj"]), seed=1)
+    set_trainable(chunks, TunerArgs(train_type="lora", lora_bias="all", modules_to_save=["output_layer"]))
+    trainable = {n for n, p in chunks[0].named_parameters() if p.requires_grad}
+    layers = hf.config.num_hidden_layers
+    assert {n for n in trainable if n.endswith(".bias")} == {
+        f"decoder.layers.{i}.self_attention.linear_qkv.bias" for i in range(layers)}
+    assert {n for n in trainable if ".lora_" in n} == {
+        f"decoder.layers.{i}.self_attention.linear_proj.lora_{ab}.weight" for i in range(layers) for ab in "AB"}
+    assert "output_layer.weight" in trainable and "embedding.word_embeddings.weight" not in trainable  # untied
+    assert len(trainable) == 3 * layers + 1
