@@ -30,5 +30,5 @@ def test_convert_and_train_three_bf16_steps_on_cuda(tmp_path):
                         "--micro_batch_size", "2", "--lr", "1e-4", "--max_length", "512",
                         "--add_version", "false", "--transformer_impl", "local"])
     assert out.returncode == 0, out.stderr[-3000:]
-    losses = [json.loads(line)["loss"] for line in (save / "logging.jsonl").read_text().splitlines()]
+    losses = [rec["loss"] for rec in map(json.loads, (save / "logging.jsonl").read_text().splitlines()) if "loss" in rec]
     assert len(losses) == 3 and all(0 < x < 20 for x in losses)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import run_megatron
+from conftest import logged, run_megatron
 from megaswift.assets import fetch_llamafactory_data
 from megaswift.runtime.context import resolve
 
@@ -34,7 +34,7 @@ def test_environment_overrides_and_bad_values(monkeypatch):
 
 
 def _first_loss(save):
-    return json.loads((save / "logging.jsonl").read_text().splitlines()[0])["loss"]
+    return logged(save)[1]
 
 
 def test_attention_backend_through_sft(model_dir, tmp_path):

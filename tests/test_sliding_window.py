@@ -6,7 +6,7 @@ import json
 
 import transformers
 
-from conftest import run_megatron
+from conftest import logged, run_megatron
 from megaswift.assets import fetch_llamafactory_data, fetch_smollm2
 from megaswift.model.config import sliding_window
 from tiny_models import make_tiny_model
@@ -39,4 +39,4 @@ def test_sft_refuses_sequences_longer_than_the_window(tmp_path):
     # within the window full causal attention is the same attention: it trains
     proc = sft(tmp_path / "ok", "--max_length", "64", "--truncation_strategy", "left")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((tmp_path / "ok" / "logging.jsonl").read_text().splitlines()[0])["loss"] > 0
+    assert logged(tmp_path / "ok")[1] > 0

@@ -226,7 +226,7 @@ def test_sigterm_saves_and_exits_cleanly(model_dir, dataset, tmp_path):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = save / "logging.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+    while time.time() < deadline and not (log.exists() and log.read_text().count('"loss"') >= 2):  # 2 iterations logged
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)

@@ -2,7 +2,8 @@
 
 Only the writer rank (the last global rank, which sits on the last pipeline stage and holds the
 data-parallel-reduced loss) writes; `logging.jsonl` has one JSON object per log step with at least
-`iteration` and `loss`, so scripts can read it.
+`iteration` and `loss` (evaluations: `eval_<figure>`), so scripts can read it; a run's first line
+holds the figures known at its start (`trainable_params`, `total_params`), without `loss`.
 """
 
 from __future__ import annotations
