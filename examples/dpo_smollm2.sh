@@ -15,7 +15,7 @@ DATA=$(python -m megaswift.assets llamafactory-data)/dpo_en_demo.json
 rm -rf "$OUT"
 megatron rlhf --rlhf_type dpo --model "$HF" --dataset "$DATA" --save "$OUT/ckpt" --add_version false \
     --train_type lora --lora_rank 16 --lora_alpha 32 --beta 0.1 --loss_type sigmoid \
-    --torch_dtype float32 --max_length 768 --micro_batch_size 2 --global_batch_size 4 \
+    --torch_dtype float32 --max_length ${MAX_LENGTH:-512} --micro_batch_size 2 --global_batch_size 4 \
     --train_iters "$ITERS" --lr 5e-4 --lr_warmup_iters 2 --save_interval "$ITERS" --log_interval 1
 python - "$OUT/ckpt/logging.jsonl" <<'PY'
 import json, sys
