@@ -167,30 +167,40 @@ def tokenize(rows, template: Template, data: DataArgs, stats: DataStats):
     """Tokenised dataset for canonical `rows` (Dataset, IterableDataset or LazyTokenized)."""
     if data.lazy_tokenize and isinstance(rows, datasets.Dataset):
         return LazyTokenized(rows, template, data)
-    kw = dict(batched=True, remove_columns=list(rows.column_names or []),
-              fn_kwargs=dict(template=template, max_length=data.max_length,
-                             truncation_strategy=data.truncation_strategy, strict=data.strict))
+    kept = encode_dataset(rows, encode_rows, dict(template=template, max_length=data.max_length,
+                                                  truncation_strategy=data.truncation_strategy, strict=data.strict),
+                          data, stats, label_columns=("labels",), unit="rows")
+    if isinstance(kept, datasets.Dataset):
+        unused = [c for c in ("rejected_input_ids", "rejected_labels") if all(v is None for v in kept[c])]
+        kept = kept.remove_columns(unused)
+    return kept
+
+
+def encode_dataset(rows, encode, fn_kwargs: dict, data: DataArgs, stats: DataStats, *,
+                   label_columns: tuple, unit: str):
+    """`rows` mapped by the batched `encode` (which flags each row `__drop__` with a reason and
+    `__truncated__`): a stream is filtered as read; a dataset is filtered now, with its dropped,
+    truncated, row and token counts added to `stats` and one log line."""
+    kw = dict(batched=True, remove_columns=list(rows.column_names or []), fn_kwargs=fn_kwargs)
+    flags = ["__drop__", "__truncated__"]
     if isinstance(rows, datasets.IterableDataset):
-        mapped = rows.map(encode_rows, **kw)
-        return mapped.filter(_DropCounter(stats.dropped)).remove_columns(["__drop__", "__truncated__"])
+        return rows.map(encode, **kw).filter(_DropCounter(stats.dropped)).remove_columns(flags)
     t0 = time.time()
-    mapped = rows.map(encode_rows, num_proc=data.dataset_num_proc if len(rows) > 1 else None,
-                      desc="Tokenizing", **kw)
+    mapped = rows.map(encode, num_proc=data.dataset_num_proc if len(rows) > 1 else None,
+                      desc=f"Tokenizing {unit}", **kw)
     drops = Counter(r for r in mapped["__drop__"] if r)
     for reason, n in drops.items():
         stats.dropped[reason] = stats.dropped.get(reason, 0) + n
-    stats.truncated += sum(mapped["__truncated__"])
-    kept = mapped.filter(lambda flags: [not f for f in flags], input_columns="__drop__", batched=True)
-    kept = kept.remove_columns(["__drop__", "__truncated__"])
-    unused = [c for c in ("rejected_input_ids", "rejected_labels") if all(v is None for v in kept[c])]
-    kept = kept.remove_columns(unused)
+    truncated = sum(mapped["__truncated__"])
+    stats.truncated += truncated
+    kept = mapped.filter(lambda d: [not f for f in d], input_columns="__drop__", batched=True).remove_columns(flags)
     lengths = kept["length"]
     stats.rows += len(kept)
     stats.tokens += sum(lengths)
-    stats.trained_tokens += sum(sum(1 for t in lab[1:] if t != IGNORE_INDEX) for lab in kept["labels"])
+    stats.trained_tokens += sum(sum(1 for t in lab[1:] if t != IGNORE_INDEX) for col in label_columns for lab in kept[col])
     dt = max(time.time() - t0, 1e-9)
-    logger.info("tokenised %d rows (%d tokens) in %.1fs: %.0f rows/s; dropped %s; truncated %d",
-                len(mapped), sum(lengths), dt, len(mapped) / dt, dict(drops) or "none", stats.truncated)
+    logger.info("tokenised %d %s (%d tokens) in %.1fs: %.0f %s/s; dropped %s; truncated %d", len(mapped), unit,
+                sum(lengths), dt, len(mapped) / dt, unit, dict(drops) or "none", truncated)
     return kept
 
 

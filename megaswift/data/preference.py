@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
@@ -48,7 +47,8 @@ import pyarrow.compute as pc
 from megaswift.args.data import DataArgs
 from megaswift.data.formats import RowError
 from megaswift.data.packing import efficiency, pack_rows, pack_stream
-from megaswift.data.pipeline import DataStats, LazyTokenized, PackedStream, _DropCounter, _truncate, finish_datasets
+from megaswift.data.pipeline import (DataStats, LazyTokenized, PackedStream, _truncate, encode_dataset,
+                                     finish_datasets)
 from megaswift.data.sources import load_sources, split
 from megaswift.data.template import IGNORE_INDEX, Template
 
@@ -235,32 +235,10 @@ def tokenize_pairs(rows, template: Template, data: DataArgs, stats: DataStats, c
     ``--lazy_tokenize``); drops and truncations counted in ``stats``."""
     if data.lazy_tokenize and isinstance(rows, datasets.Dataset):
         return LazyPairs(rows, template, data, capacity)
-    kw = dict(batched=True, remove_columns=list(rows.column_names or []),
-              fn_kwargs=dict(template=template, max_length=data.max_length, capacity=capacity,
-                             truncation_strategy=data.truncation_strategy, strict=data.strict,
-                             code_version=_CODE_VERSION))
-    if isinstance(rows, datasets.IterableDataset):
-        mapped = rows.map(encode_pairs, **kw)
-        return mapped.filter(_DropCounter(stats.dropped)).remove_columns(list(_FLAGS))
-    t0 = time.time()
-    mapped = rows.map(encode_pairs, num_proc=data.dataset_num_proc if len(rows) > 1 else None,
-                      desc="Tokenizing pairs", **kw)
-    drops = Counter(r for r in mapped["__drop__"] if r)
-    for reason, n in drops.items():
-        stats.dropped[reason] = stats.dropped.get(reason, 0) + n
-    truncated = sum(mapped["__truncated__"])
-    stats.truncated += truncated
-    kept = mapped.filter(lambda flags: [not f for f in flags], input_columns="__drop__", batched=True)
-    kept = kept.remove_columns(list(_FLAGS))
-    lengths = kept["length"]
-    stats.rows += len(kept)
-    stats.tokens += sum(lengths)
-    stats.trained_tokens += sum(sum(1 for t in lab[1:] if t != IGNORE_INDEX)
-                                for col in ("chosen_labels", "rejected_labels") for lab in kept[col])
-    dt = max(time.time() - t0, 1e-9)
-    logger.info("tokenised %d pairs (%d tokens) in %.1fs: %.0f pairs/s; dropped %s; truncated %d",
-                len(mapped), sum(lengths), dt, len(mapped) / dt, dict(drops) or "none", truncated)
-    return kept
+    return encode_dataset(rows, encode_pairs, dict(template=template, max_length=data.max_length, capacity=capacity,
+                                                   truncation_strategy=data.truncation_strategy, strict=data.strict,
+                                                   code_version=_CODE_VERSION),
+                          data, stats, label_columns=("chosen_labels", "rejected_labels"), unit="pairs")
 
 
 def build_preference_datasets(data: DataArgs, tokenizer) -> tuple[Any, Any, DataStats]:
