@@ -181,7 +181,9 @@ def _hf_shape(name: str) -> tuple[int, ...]:
              "k_proj.bias": (kv,), "v_proj.bias": (kv,), "o_proj": (HIDDEN, q), "gate_proj": (ffn, HIDDEN),
              "up_proj": (ffn, HIDDEN), "down_proj": (HIDDEN, ffn), "q_norm": (DIMS.head_dim,),
              "k_norm": (DIMS.head_dim,), "layernorm": (HIDDEN,), "model.norm": (HIDDEN,),
-             "mlp.gate.weight": (EXPERTS, HIDDEN)}
+             "mlp.gate.weight": (EXPERTS, HIDDEN), "block_sparse_moe.gate.weight": (EXPERTS, HIDDEN),
+             "shared_expert_gate": (1, HIDDEN), ".w1.": (ffn, HIDDEN), ".w3.": (ffn, HIDDEN),
+             ".w2.": (HIDDEN, ffn)}
     return next(shape for key, shape in table.items() if key in name)
 
 

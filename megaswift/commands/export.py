@@ -63,6 +63,9 @@ def run(argv: list[str]) -> int:
                             num_attention_heads=hf_config.num_attention_heads,
                             num_query_groups=num_kv_heads(hf_config))
     model = source.model(args.make_vocab_size_divisible_by, parallel.tensor_model_parallel_size)
+    if model.family.num_experts(hf_config) and parallel.tensor_model_parallel_size > 1:
+        # megatron-core builds MoE under TP only with sequence parallel; it changes no weight
+        parallel.sequence_parallel = True
     dtype = source.dtype(args.torch_dtype)
     reader = HFReader(source.dir) if args.to_mcore else None   # reads headers now: a corrupt file fails here
     init_distributed(parallel, resolve_runtime(runtime.transformer_impl, runtime.attention_backend))

@@ -2,9 +2,10 @@
 
 from megaswift.converters.family import Family
 from megaswift.converters.llama import LLAMA, MISTRAL
-from megaswift.converters.qwen import QWEN2, QWEN3
+from megaswift.converters.mixtral import MIXTRAL
+from megaswift.converters.qwen import QWEN2, QWEN2_MOE, QWEN3, QWEN3_MOE
 
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, QWEN2_MOE, QWEN3_MOE, MIXTRAL)
 
 
 def family_for(hf_config) -> Family:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from megaswift.converters.mappings import QKV, GatedMLP, Mapping, Rename, VocabRows
-from megaswift.converters.sharding import Shard
+from megaswift.converters.sharding import Axis, Shard
 
 LAYER = "decoder.layers.*."
 HF_LAYER = "model.layers.*."
@@ -34,6 +34,64 @@ def dense_mlp(hf_config) -> list[Mapping]:
                  gate=HF_LAYER + "mlp.gate_proj.weight", up=HF_LAYER + "mlp.up_proj.weight"),
         Rename(LAYER + "mlp.linear_fc2.weight", hf=HF_LAYER + "mlp.down_proj.weight", shard=Shard.ROW),
     ]
+
+
+@dataclass(frozen=True)
+class MoENames:
+    """Where a family's HF checkpoint keeps an MoE layer's parts (under `model.layers.N.`)."""
+    block: str = "mlp"                    # the MoE block: `mlp` (Qwen, DeepSeek), `block_sparse_moe` (Mixtral)
+    expert: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")   # Mixtral: w1, w3, w2
+    shared: str | None = None             # shared expert MLP: `shared_expert` (Qwen2), `shared_experts` (DeepSeek)
+    shared_gate: str | None = None        # its sigmoid gate: `shared_expert_gate` (Qwen2-MoE)
+
+
+def moe_mlp(names: MoENames):
+    """An MoE family's MLP mappings: the dense SwiGLU for its dense layers, and for MoE layers
+    the pre-MLP norm, the router, the routed experts (per expert, split over expert-TP) and the
+    shared expert (a dense MLP under TP). A layer's MCore parameters pick which apply."""
+    block = HF_LAYER + names.block + "."
+    gate, up, down = names.expert
+    expert = block + "experts.{E}."
+
+    def declare(hf_config) -> list[Mapping]:
+        maps = dense_mlp(hf_config) + [
+            Rename(LAYER + "pre_mlp_layernorm.weight", hf=HF_LAYER + "post_attention_layernorm.weight"),
+            Rename(LAYER + "mlp.router.weight", hf=block + "gate.weight"),
+        ]
+        # megatron's SequentialMLP (local and TE without grouped GEMM) and TEGroupedMLP name the
+        # same tensors differently; both are declared, so checkpoints of either path convert.
+        for fc1, fc2 in ((LAYER + "mlp.experts.local_experts.{E}.linear_fc1.weight",
+                          LAYER + "mlp.experts.local_experts.{E}.linear_fc2.weight"),
+                         (LAYER + "mlp.experts.linear_fc1.weight{E}", LAYER + "mlp.experts.linear_fc2.weight{E}")):
+            maps += [GatedMLP(fc1, gate=expert + gate + ".weight", up=expert + up + ".weight", axis=Axis.EXPERT_TP),
+                     Rename(fc2, hf=expert + down + ".weight", shard=Shard.ROW, axis=Axis.EXPERT_TP)]
+        if names.shared:
+            shared = block + names.shared + "."
+            maps += [GatedMLP(LAYER + "mlp.shared_experts.linear_fc1.weight",
+                              gate=shared + "gate_proj.weight", up=shared + "up_proj.weight"),
+                     Rename(LAYER + "mlp.shared_experts.linear_fc2.weight", hf=shared + "down_proj.weight",
+                            shard=Shard.ROW)]
+        if names.shared_gate:
+            maps.append(Rename(LAYER + "mlp.shared_experts.gate_weight", hf=block + names.shared_gate + ".weight"))
+        return maps
+
+    return declare
+
+
+def moe_fields(hf_config, *, num_experts: int, topk: int, ffn: int, moe_layers: list[int],
+               pre_softmax: bool, shared: int | None = None, shared_gate: bool = False) -> dict[str, Any]:
+    """The TransformerConfig fields of an MoE model, as read from its config.json.
+
+    `moe_layers` is the 0/1 pattern over all decoder layers (1: MoE); `pre_softmax` True when
+    the HF router takes softmax over all experts and keeps the top-k probabilities as they are,
+    False when it renormalises them (the same as megatron's softmax over the top-k logits).
+    """
+    if len(moe_layers) != hf_config.num_hidden_layers:
+        raise ValueError(f"MoE layer pattern has {len(moe_layers)} entries for "
+                         f"{hf_config.num_hidden_layers} layers")
+    return dict(num_moe_experts=num_experts, moe_ffn_hidden_size=ffn, moe_router_topk=topk,
+                moe_layer_freq=list(moe_layers), moe_router_pre_softmax=pre_softmax,
+                moe_shared_expert_intermediate_size=shared or None, moe_shared_expert_gate=shared_gate)
 
 
 def decoder(*, qkv_bias: bool, qk_norm: bool, tied: bool, mlp: list[Mapping]) -> list[Mapping]:
@@ -90,6 +148,10 @@ class Family:
         """The TransformerConfig fields this family decides: its attention flags and its hook's."""
         return {"add_qkv_bias": self.qkv_bias(hf_config), "qk_layernorm": self.qk_layernorm,
                 **self.transformer_config(hf_config)}
+
+    def num_experts(self, hf_config) -> int:
+        """Routed experts per MoE layer (0 for a dense model)."""
+        return int(self.transformer_config(hf_config).get("num_moe_experts") or 0)
 
     def mappings(self, hf_config) -> list[Mapping]:
         return decoder(qkv_bias=self.qkv_bias(hf_config), qk_norm=self.qk_layernorm,

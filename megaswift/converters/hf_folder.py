@@ -1,5 +1,6 @@
 """Writing an HF model folder from this rank's megatron-core chunks: weights streamed into
-safetensors shards (one writer per pipeline stage, numbered by rank 0), the model's side files
+safetensors shards (one writer per rank that holds tensors to write: a pipeline stage's first
+tensor-parallel rank, and each expert-parallel rank for its own experts; numbered by rank 0), the model's side files
 (config, generation config, tokenizer, chat template) and config.json's dtype."""
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ def write_hf_folder(chunks: list, family, hf_config, dims, dtype: torch.dtype, o
                     max_shard_size: str | int) -> None:
     """Collective over every rank: `out` holds a complete HF folder when it returns."""
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    writer = ShardedWriter(out, parse_size(max_shard_size), tag=f"{pp_rank:03d}")
+    rank = dist.get_rank()
+    writer = ShardedWriter(out, parse_size(max_shard_size), tag=f"{rank:05d}")
     for name, tensor in export_hf_tensors(chunks, family, hf_config, dims):
         writer.add(name, tensor.to(dtype))
     writer.flush()
-    files = [(pp_rank, writer.files)]
+    files = [((pp_rank, rank), writer.files)]
     if dist.get_world_size() > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, files)

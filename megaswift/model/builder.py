@@ -34,7 +34,7 @@ def build_gpt_model(hf_config, config, *, padded_vocab: int, vp_stage: int | Non
     layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(config, layers),
+        transformer_layer_spec=block_spec(config, layers, vp_stage),
         vocab_size=padded_vocab,
         max_sequence_length=getattr(hf_config, "max_position_embeddings", 4096),
         pre_process=pre,

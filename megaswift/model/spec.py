@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-from megatron.core.tensor_parallel import RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (TransformerLayer, TransformerLayerSubmodules,
+                                                         get_transformer_layer_offset)
 
 from megaswift.model.core_attention import CoreAttention
 from megaswift.model.layers import LayerNormColumnParallelLinear
@@ -24,8 +28,21 @@ from megaswift.model.norm import RMSNorm
 from megaswift.runtime.context import current as current_runtime
 
 
-def local_layer_spec(qk_layernorm: bool) -> ModuleSpec:
-    """A dense GPT layer from megatron-core modules plus ours, with TE's parameter names."""
+def local_moe_mlp_spec() -> ModuleSpec:
+    """megatron-core's MoE layer with SequentialMLP experts and a shared-expert MLP, from the
+    portable linears: TE's non-grouped MoE spec has the same parameter names."""
+    mlp = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    return ModuleSpec(module=MoELayer, submodules=MoESubmodules(
+        experts=ModuleSpec(module=SequentialMLP, submodules=mlp),
+        shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=mlp)))
+
+
+def local_layer_spec(qk_layernorm: bool, moe: bool = False) -> ModuleSpec:
+    """A GPT layer from megatron-core modules plus ours, with TE's parameter names.
+
+    Dense: the pre-MLP norm is fused into fc1 (`mlp.linear_fc1.layer_norm_weight`); MoE: a
+    separate `pre_mlp_layernorm` feeds the router, the experts and the shared expert.
+    """
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -42,8 +59,8 @@ def local_layer_spec(qk_layernorm: bool) -> ModuleSpec:
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=IdentityOp,
-            mlp=ModuleSpec(
+            pre_mlp_layernorm=RMSNorm if moe else IdentityOp,
+            mlp=local_moe_mlp_spec() if moe else ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(linear_fc1=LayerNormColumnParallelLinear,
                                          linear_fc2=RowParallelLinear),
@@ -53,13 +70,27 @@ def local_layer_spec(qk_layernorm: bool) -> ModuleSpec:
     )
 
 
-def block_spec(config, num_layers_on_stage: int):
-    """The decoder block spec for this pipeline stage (layer spec x layers, final norm)."""
-    if current_runtime().transformer_impl == "transformer_engine":
-        layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-        from megatron.core.extensions.transformer_engine import TENorm
+def moe_layer_pattern(config) -> list[int]:
+    """1 for each decoder layer that is an MoE layer, 0 for a dense one (all 0 without experts)."""
+    if not config.num_moe_experts:
+        return [0] * config.num_layers
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return [int(i % freq == 0) for i in range(config.num_layers)]
+    return list(freq)
 
-        norm = TENorm
-    else:
-        layer, norm = local_layer_spec(config.qk_layernorm), RMSNorm
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers_on_stage, layer_norm=norm)
+
+def block_spec(config, num_layers_on_stage: int, vp_stage: int | None = None):
+    """The decoder block spec for this pipeline stage (its layers' specs, final norm)."""
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    moe = moe_layer_pattern(config)[offset: offset + num_layers_on_stage]
+    if current_runtime().transformer_impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+        if config.num_moe_experts:
+            return get_gpt_decoder_block_spec(config, use_transformer_engine=True, vp_stage=vp_stage)
+        layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+        return TransformerBlockSubmodules(layer_specs=[layer] * num_layers_on_stage, layer_norm=TENorm)
+    specs = {m: local_layer_spec(config.qk_layernorm, moe=bool(m)) for m in set(moe)}
+    return TransformerBlockSubmodules(layer_specs=[specs[m] for m in moe], layer_norm=RMSNorm)

@@ -258,6 +258,8 @@ _CURRENT_DEVICE_CALLERS = (
     "megatron.core.optimizer.optimizer",  # ChainedOptimizer.get_loss_scale
     "megatron.core.optimizer.distrib_optimizer",  # load_state_dict shards
     "megatron.core.optimizer.grad_scaler",  # DynamicGradScaler.load_state_dict (fp16 resume)
+    "megatron.core.transformer.moe.router",  # TopKRouter.gating moves its weight; expert-bias buffers
+    "megatron.core.transformer.moe.experts",  # SequentialMLP / TEGroupedMLP zero-token buffers
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # save_state_dict_async_finalize
 )
 
@@ -345,7 +347,10 @@ class _Stream:
     def __init__(self, *args, **kwargs):
         pass
 
-    wait_stream = record = wait = synchronize = _nothing
+    wait_stream = record = wait = synchronize = wait_event = _nothing
+
+    def record_event(self, *args, **kwargs):
+        return _Stream()
 
     def query(self):
         return True
@@ -361,6 +366,9 @@ _DEVICE_LITERAL_CALLERS = (
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.distributed.distributed_data_parallel",
     "megatron.core.utils",
+    "megatron.core.transformer.moe.token_dispatcher",  # MoEAlltoAllTokenDispatcher: its DtoH torch.cuda.Stream
+    "megatron.core.transformer.moe.moe_utils",  # track_moe_metrics: torch.zeros(..., device="cuda")
+    "megatron.core.transformer.moe.shared_experts",  # SharedExpertMLP's overlap stream
 )
 
 
@@ -381,6 +389,60 @@ def patch_cuda_device_literals() -> None:
             "torch.tensor(..., pin_memory=True) (context-parallel RoPE split)")
 def patch_pinned_memory() -> None:
     _factories_on_cpu(_torch_of("megatron.core.models.common.embeddings.rope_utils"))
+
+
+def _split_sizes_on_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron's `maybe_move_tensor_to_cpu` for CPU tensors: it converts only CUDA tensors to numpy,
+    so on the CPU the alltoall dispatcher's split sizes reached `all_to_all_single` as tensors."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+@adaptation("transformer/moe/moe_utils.py maybe_move_tensor_to_cpu, called by token_dispatcher.py "
+            "MoEAlltoAllTokenDispatcher (EP split sizes): only a CUDA tensor becomes numpy, a CPU one "
+            "fails in tensor_parallel/mappings.py all_to_all")
+def patch_moe_split_sizes() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    for owner in (moe_utils, token_dispatcher):
+        _patch(owner, "maybe_move_tensor_to_cpu", _split_sizes_on_host)
+
+
+def _uneven_gather(original):
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        most = max(output_split_sizes)
+        padded = input_.new_zeros(most, *input_.shape[1:])
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in output_split_sizes]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([p[:n] for p, n in zip(parts, output_split_sizes)], dim=0)
+    return gather
+
+
+def _uneven_reduce_scatter(original):
+    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return original(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        rank = dist.get_rank(group)
+        start = sum(input_split_sizes[:rank])
+        return total[start: start + input_split_sizes[rank]].contiguous()
+    return reduce_scatter
+
+
+@adaptation("tensor_parallel/mappings.py _gather_along_first_dim / _reduce_scatter_along_first_dim "
+            "with split sizes (MoE alltoall dispatcher under expert-TP: each rank's token count "
+            "differs): list all_gather / reduce_scatter of unequal tensors, which gloo refuses")
+def patch_uneven_tp_collectives() -> None:
+    from megatron.core.tensor_parallel import mappings
+
+    _patch(mappings, "_gather_along_first_dim", _uneven_gather(mappings._gather_along_first_dim))
+    _patch(mappings, "_reduce_scatter_along_first_dim",
+           _uneven_reduce_scatter(mappings._reduce_scatter_along_first_dim))
 
 
 def _tagged_batched_p2p_ops(*, tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_recv_next,

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from megaswift.args.parallel import ParallelArgs
 from megaswift.logging_utils import log
-from megaswift.runtime import cpu_compat
+from megaswift.runtime import cpu_compat, megatron_fixes
 from megaswift.runtime.context import Runtime, current, set_current
 
 
@@ -77,6 +77,7 @@ def init_distributed(parallel: ParallelArgs, runtime: Runtime | None = None,
         torch.cuda.set_device(info.local_rank)
     else:
         cpu_compat.apply()
+    megatron_fixes.without_transformer_engine()
     if not dist.is_initialized():
         if info.world_size == 1 and "MASTER_ADDR" not in os.environ:
             init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -96,6 +97,11 @@ def init_distributed(parallel: ParallelArgs, runtime: Runtime | None = None,
             **parallel.sizes().group_sizes(),
             distributed_timeout_minutes=timeout_minutes,
         )
+        # the model-parallel RNG states every forward may fork (SP embeddings, dropout); training
+        # seeds them again with --seed before its model is built
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(42)
     return info
 
 

@@ -99,3 +99,20 @@ def before_optimizer_load(optimizer) -> None:
 
 def after_optimizer_load(optimizer, loaded_optimizer_state) -> None:
     run(AFTER_OPTIMIZER_LOAD, optimizer, loaded_optimizer_state)
+
+
+NO_TE = "no_te"  # run by `init_distributed` on every device; each fix checks TE is really absent
+
+
+@adaptation("transformer/moe/moe_utils.py RouterGatingLinearFunction: `te_general_gemm is not None` "
+            "where the name was never bound (NameError without TransformerEngine; megatron-core 0.16.1)",
+            when=NO_TE)
+def router_gemm_without_te() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def without_transformer_engine() -> None:
+    run(NO_TE)

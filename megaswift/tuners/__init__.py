@@ -153,24 +153,31 @@ class ParamCounts:
 
 def count_parameters(chunks: list) -> ParamCounts:
     """Trainable and total parameters of the whole model, each weight counted once: TP shards are
-    summed over the TP group, TP-replicated ones counted on TP rank 0, stages summed over PP."""
+    summed over the TP group, TP-replicated ones counted on TP rank 0, stages summed over PP;
+    routed experts (megatron marks them `allreduce=False`) likewise over expert-TP, and summed
+    over expert-parallel ranks, each of which holds its own experts."""
     from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
     from megaswift.runtime.distributed import device
 
-    local = torch.zeros(2, dtype=torch.float64, device=device())
+    dense = torch.zeros(2, dtype=torch.float64, device=device())
+    experts = torch.zeros(2, dtype=torch.float64, device=device())
+    tp_rank, etp_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
     for chunk in chunks:
         for n, p in chunk.named_parameters():
-            if not param_is_not_tensor_parallel_duplicate(p):
-                continue
+            expert = getattr(p, "allreduce", True) is False
+            if not getattr(p, "tensor_model_parallel", False) and (etp_rank if expert else tp_rank) != 0:
+                continue  # a copy of a weight another rank of the group counts
             if n == "output_layer.weight" and getattr(chunk, "share_embeddings_and_output_weights", False):
                 continue  # the last stage's copy of the tied embedding
+            local = experts if expert else dense
             local[1] += p.numel()
             if p.requires_grad:
                 local[0] += p.numel()
-    for size, group in ((ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group),
-                        (ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_group)):
-        if size > 1:
-            torch.distributed.all_reduce(local, group=group())
+    for local, groups in ((dense, (ps.get_tensor_model_parallel_group,)),
+                          (experts, (ps.get_expert_tensor_parallel_group, ps.get_expert_model_parallel_group))):
+        for group in groups + (ps.get_pipeline_model_parallel_group,):
+            if torch.distributed.get_world_size(group()) > 1:
+                torch.distributed.all_reduce(local, group=group())
+    local = dense + experts
     return ParamCounts(int(local[0].item()), int(local[1].item()))
