@@ -28,6 +28,7 @@ class TrainBatch:
     packed_seq_params: Optional[PackedSeqParams]
     num_real_tokens: int
     num_padded_tokens: int
+    padding_mask: Optional[torch.Tensor] = None  # bool [b, s], True = a padding token (MoE routers skip them)
 
     @property
     def num_tokens(self) -> int:
@@ -43,6 +44,7 @@ class TrainBatch:
                                     cu_seqlens_q_padded=move(p.cu_seqlens_q_padded),
                                     cu_seqlens_kv_padded=move(p.cu_seqlens_kv_padded))
         mask = self.attention_mask.to(device) if self.attention_mask is not None else None
+        pad = self.padding_mask.to(device) if self.padding_mask is not None else None
         return TrainBatch(self.input_ids.to(device), self.labels.to(device),
                           self.loss_mask.to(device), self.position_ids.to(device), mask, p,
-                          self.num_real_tokens, self.num_padded_tokens)
+                          self.num_real_tokens, self.num_padded_tokens, pad)

@@ -93,9 +93,10 @@ def slice_batch(batch, cp_size: int, cp_rank: int):
     mask = batch.attention_mask
     if mask is not None:
         mask = mask.index_select(2, idx) if mask.shape[2] > 1 else mask
+    pad = batch.padding_mask
     return dataclasses.replace(batch, input_ids=pick(batch.input_ids), labels=pick(batch.labels),
                                loss_mask=pick(batch.loss_mask), position_ids=pick(batch.position_ids),
-                               attention_mask=mask)
+                               attention_mask=mask, padding_mask=pick(pad) if pad is not None else None)
 
 
 class _GatherOverCP(torch.autograd.Function):

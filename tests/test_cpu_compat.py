@@ -204,6 +204,120 @@ def test_p2p_with_one_peer_both_ways(tmp_path):
         assert got["patched"] == (20.0 + other, 10.0 + other)  # (activation from prev, gradient from next)
 
 
+def _moe_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        cpu_compat.apply()
+        from megatron.core.tensor_parallel import mappings
+        from megatron.core.transformer.moe import moe_utils
+
+        group, got = dist.group.WORLD, {}
+        mine = torch.full((2 + rank, 3), float(rank + 1))  # rank 0 holds 2 tokens, rank 1 holds 3
+        sizes = [2, 3]
+        for label, ctx in (("stock", cpu_compat.suspended("patch_uneven_gather", "patch_moe_split_sizes")),
+                           ("patched", cpu_compat.suspended())):
+            with ctx:
+                try:
+                    got[label, "gather"] = mappings._gather_along_first_dim(mine, group, output_split_sizes=sizes)
+                except RuntimeError as e:
+                    got[label, "gather"] = str(e)
+                got[label, "reduce_scatter"] = mappings._reduce_scatter_along_first_dim(
+                    torch.arange(15.0).view(5, 3), group, input_split_sizes=sizes)
+                got[label, "split_sizes"] = type(moe_utils.maybe_move_tensor_to_cpu(
+                    torch.tensor(sizes), as_numpy=True)).__name__
+        torch.save(got, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@exercises("patch_uneven_gather", "patch_moe_split_sizes")
+def test_moe_dispatch_collectives_with_uneven_token_counts(tmp_path):
+    """The alltoall dispatcher under expert-TP gathers and reduce-scatters a different number of
+    tokens per rank, and hands `all_to_all` its split sizes as numpy (what it does for CUDA tensors).
+    gloo gathers only equal pieces; its reduce-scatter takes unequal ones (no adaptation)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_moe_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    both = torch.arange(15.0).view(5, 3) * 2
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert isinstance(got["stock", "gather"], str) and "size" in got["stock", "gather"]  # gloo refuses
+        assert torch.equal(got["patched", "gather"], torch.cat([torch.full((2, 3), 1.0), torch.full((3, 3), 2.0)]))
+        # gloo's list reduce_scatter takes unequal pieces: megatron's own path serves there
+        assert torch.equal(got["stock", "reduce_scatter"], both[:2] if rank == 0 else both[2:])
+        assert got["stock", "split_sizes"] == "Tensor" and got["patched", "split_sizes"] == "ndarray"
+
+
+@exercises("router_gemm_without_te")
+def test_router_gating_without_transformer_engine(world):
+    from megatron.core.transformer.moe import moe_utils
+
+    x, w = torch.randn(4, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)
+    saved = moe_utils.te_general_gemm
+    del moe_utils.te_general_gemm   # as megatron-core 0.16.1 leaves it without TE
+    try:
+        with pytest.raises(NameError, match="te_general_gemm"):
+            moe_utils.RouterGatingLinearFunction.apply(x, w, None, torch.float32)
+        megatron_fixes.router_gemm_without_te()
+        out = moe_utils.RouterGatingLinearFunction.apply(x, w, None, torch.float32)
+        assert torch.allclose(out, x @ w.T)
+    finally:
+        moe_utils.te_general_gemm = saved
+
+
+@exercises("z_loss_per_token_scale")
+def test_z_loss_gradient_does_not_shrink_with_sequence_parallel(world):
+    """One of two sequence-parallel ranks: with per-token loss its z-loss gradient must be the
+    coefficient times d(sum of z over its tokens), as on a single rank (the TP ranks' router
+    gradients are summed); megatron-core's is half of it."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    router = TopKRouter.__new__(TopKRouter)
+    torch.nn.Module.__init__(router)
+    router.config = SimpleNamespace(moe_z_loss_coeff=1e-2, num_layers=1, mtp_num_layers=None)
+    router.tp_cp_group = SimpleNamespace(size=lambda: 2)
+    router.calculate_per_token_loss, router.layer_number = True, 1
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    logits = torch.randn(6, 4)
+
+    def z_grad(apply):
+        x = logits.clone().requires_grad_()
+        apply(router, x).sum().backward()
+        return x.grad - 1.0   # minus the gradient of .sum() itself
+
+    x = logits.clone().requires_grad_()
+    (1e-2 * torch.logsumexp(x, dim=-1).square().sum()).backward()
+    fixed = z_grad(TopKRouter.apply_z_loss)
+    stock = z_grad(TopKRouter.apply_z_loss.__wrapped__)
+    assert torch.allclose(fixed, x.grad, atol=1e-7) and torch.allclose(stock, x.grad / 2, atol=1e-7)
+
+
+@exercises("expert_bias_padding_mask")
+def test_expert_bias_counts_only_real_tokens(world):
+    """Expert-bias routing counts each expert's tokens; with a padding mask megatron-core's count
+    fails to broadcast, fixed it counts the real tokens only."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    router = TopKRouter.__new__(TopKRouter)
+    torch.nn.Module.__init__(router)
+    router.enable_expert_bias = True
+    router.register_buffer("local_tokens_per_expert", torch.zeros(4))
+    routing_map = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    padding = torch.tensor([False, False, True])   # the third token is padding
+    with pytest.raises(RuntimeError):
+        TopKRouter._apply_expert_bias.__wrapped__(router, routing_map, padding)
+    TopKRouter._apply_expert_bias(router, routing_map, padding)
+    assert router.local_tokens_per_expert.tolist() == [1.0, 2.0, 1.0, 0.0]
+
+
 # -- megatron-core version fixes: a real save and load through megatron's optimizer state dict ---
 
 def _tiny_ddp(distributed: bool):
@@ -314,5 +428,8 @@ def test_sgd_resume(world, tmp_path):
 
 
 def test_every_adaptation_has_a_behaviour_test():
-    tested = {name for fn in list(globals().values()) for name in getattr(fn, "exercises", ())}
+    import test_deepseek  # multi-latent attention's adaptations are tested beside its conversion
+
+    tests = list(globals().values()) + list(vars(test_deepseek).values())
+    tested = {name for fn in tests for name in getattr(fn, "exercises", ())}
     assert tested == set(cpu_compat.ADAPTATIONS)

@@ -30,6 +30,21 @@ FAMILIES = {
         norm_topk_prob=False)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
                                                             intermediate_size=48, sliding_window=None)),
+    # multi-latent attention + fine-grained MoE, 3 layers: one dense, then MoE with a shared expert.
+    # V3: q latent, YaRN with mscale != mscale_all_dim (both cos/sin and softmax scaled), sigmoid
+    # router with a non-zero score-correction bias, 2 groups of 2 experts (one picked), scaled weights
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        num_hidden_layers=3, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+        moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+        norm_topk_prob=True, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                           "mscale": 1.0, "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1})),
+    # V2-Lite-like: no q latent (plain q_proj), default RoPE, softmax router, top-k weights as they are
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        num_hidden_layers=3, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, topk_method="greedy",
+        moe_intermediate_size=32, n_shared_experts=2, first_k_dense_replace=1, routed_scaling_factor=1.5,
+        norm_topk_prob=False)),
 }
 
 
@@ -54,6 +69,9 @@ def make_tiny_model(name: str, out: Path, dtype=torch.float32, seed: int = 0,
         for n, p in model.named_parameters():
             if "norm" in n or n.endswith("bias"):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in n else 0.1 * torch.randn_like(p))
+        for n, b in model.named_buffers():  # DeepSeek-V3's router score correction: a buffer
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
     model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Optional
 
 from megaswift.args.data import DataArgs
+from megaswift.args.moe import MoEArgs
 from megaswift.args.parallel import ParallelArgs
 from megaswift.args.parser import explicit, parse
 from megaswift.args.rlhf import RLHFArgs
@@ -24,17 +25,19 @@ class Job:
     runtime: RuntimeArgs
     tuner: TunerArgs = dataclasses.field(default_factory=TunerArgs)
     rlhf: Optional[RLHFArgs] = None    # `megatron rlhf` only
+    moe: MoEArgs = dataclasses.field(default_factory=MoEArgs)
 
     def as_record(self) -> dict:
         """Every flag, by group (what `args.json` keeps of the run)."""
         return {"mode": self.mode, **{k: dataclasses.asdict(getattr(self, g)) for k, g in (
             ("model_args", "model"), ("parallel", "parallel"), ("data", "data"), ("train", "train"),
-            ("runtime", "runtime"), ("tuner", "tuner"), ("rlhf", "rlhf")) if getattr(self, g) is not None}}
+            ("runtime", "runtime"), ("tuner", "tuner"), ("rlhf", "rlhf"), ("moe", "moe")) if getattr(self, g) is not None}}
 
 
 def parse_job(argv: list[str], mode: str) -> Job:
-    groups = (ModelArgs, ParallelArgs, DataArgs, TrainArgs, RuntimeArgs, TunerArgs) + ((RLHFArgs,) if mode == "rlhf" else ())
-    model, parallel, data, train, runtime, tuner, *rest = parse(groups, argv, prog=f"megatron {mode}")
+    groups = (ModelArgs, ParallelArgs, DataArgs, TrainArgs, RuntimeArgs, TunerArgs, MoEArgs) + (
+        (RLHFArgs,) if mode == "rlhf" else ())
+    model, parallel, data, train, runtime, tuner, moe, *rest = parse(groups, argv, prog=f"megatron {mode}")
     rlhf = rest[0] if rest else None
     if not data.dataset and not data.cached_dataset:
         raise ValueError("pass --dataset <files> or --cached_dataset <dir>")
@@ -47,4 +50,4 @@ def parse_job(argv: list[str], mode: str) -> Job:
             data.loss_scale = "last_round"
         if data.cached_dataset:
             raise ValueError("--cached_dataset holds tokenised sft/pt rows; megatron rlhf reads --dataset")
-    return Job(model, parallel, data, train, mode, runtime, tuner, rlhf)
+    return Job(model, parallel, data, train, mode, runtime, tuner, rlhf, moe)

@@ -70,11 +70,15 @@ class ParallelArgs:
                 f"{self.tensor_model_parallel_size} x --pipeline_model_parallel_size "
                 f"{self.pipeline_model_parallel_size} x --context_parallel_size "
                 f"{self.context_parallel_size} = {mp}; change the sizes or NPROC_PER_NODE")
-        ep = self.expert_model_parallel_size
-        if ep > 1 and (world_size // (self.pipeline_model_parallel_size)) % ep:
+        ep, etp = self.expert_model_parallel_size, self.expert_tensor_parallel_size
+        stage = world_size // self.pipeline_model_parallel_size
+        if (ep * (etp or 1)) > 1 and stage % (ep * (etp or self.tensor_model_parallel_size)):
+            etp = etp or self.tensor_model_parallel_size
             raise LayoutError(
-                f"--expert_model_parallel_size {ep} does not divide the ranks of one pipeline "
-                f"stage ({world_size // self.pipeline_model_parallel_size})")
+                f"--expert_model_parallel_size {ep} x --expert_tensor_parallel_size {etp} = {ep * etp} "
+                f"does not divide the {stage} ranks of one pipeline stage (world size {world_size} / "
+                f"--pipeline_model_parallel_size {self.pipeline_model_parallel_size}); change the sizes "
+                "or NPROC_PER_NODE")
 
     def validate_model(self, *, num_layers: int, num_attention_heads: int,
                        num_query_groups: int) -> None:
@@ -111,6 +115,33 @@ class ParallelArgs:
             + (f" x --virtual_pipeline_model_parallel_size {vpp}" if vpp > 1 else "")
             + f"; {fix}" + (", or uneven stages with --decoder_first_pipeline_num_layers / "
                             "--decoder_last_pipeline_num_layers" if vpp == 1 else ""))
+
+    def validate_experts(self, *, num_experts: int, topk: int | None, moe_ffn_hidden_size: int | None,
+                         training: bool) -> None:
+        """Check the expert layout against an MoE model (or refuse expert parallel for a dense one)."""
+        ep, etp = self.expert_model_parallel_size, self.expert_tensor_parallel_size
+        if etp is not None and etp < 1:
+            raise LayoutError(f"--expert_tensor_parallel_size must be >= 1, got {etp}")
+        if not num_experts:
+            if ep > 1 or (etp or 1) > 1:
+                raise LayoutError("--expert_model_parallel_size / --expert_tensor_parallel_size need an MoE "
+                                  "model; this model's config.json declares no experts")
+            return
+        if num_experts % ep:
+            divisors = [str(d) for d in range(1, num_experts + 1) if num_experts % d == 0]
+            raise LayoutError(f"--expert_model_parallel_size {ep} does not divide the model's {num_experts} "
+                              f"experts; use one of {', '.join(divisors)}")
+        if topk is not None and not 1 <= topk <= num_experts:
+            raise LayoutError(f"--moe_router_topk {topk} must be between 1 and the model's {num_experts} experts")
+        etp = etp or self.tensor_model_parallel_size
+        if moe_ffn_hidden_size and moe_ffn_hidden_size % etp:
+            raise LayoutError(f"--expert_tensor_parallel_size {etp} does not divide the experts' FFN size "
+                              f"{moe_ffn_hidden_size} (--expert_tensor_parallel_size defaults to "
+                              "--tensor_model_parallel_size); use a divisor or --expert_tensor_parallel_size 1")
+        if training and self.tensor_model_parallel_size > 1 and not self.sequence_parallel:
+            raise LayoutError(f"an MoE model at --tensor_model_parallel_size {self.tensor_model_parallel_size} "
+                              "needs --sequence_parallel true (megatron-core builds MoE layers under TP only "
+                              "with sequence parallel)")
 
     def validate_sequence_budget(self, max_length: Optional[int]) -> None:
         """Context parallel cuts every sequence into 2 x CP chunks (and sequence parallel each

@@ -29,7 +29,6 @@ from megaswift.checkpointing import ARGS, HF_CONFIG, CheckpointRecord, load_mode
 from megaswift.converters.convert import load_hf_weights
 from megaswift.converters.hf_io import CheckpointError, HFReader, copy_side_files
 from megaswift.logging_utils import log
-from megaswift.model.config import num_kv_heads
 from megaswift.model.hf import HFModel, resolve_model_dir
 from megaswift.model.source import Source, resolve_source
 from megaswift.runtime.context import resolve as resolve_runtime
@@ -59,13 +58,8 @@ def run(argv: list[str]) -> int:
         return _export_lora(args, parallel, runtime, out)
     source = resolve_source(args.model if args.to_mcore else None, args.load, args.trust_remote_code)
     hf_config = source.hf_config
-    parallel.validate_model(num_layers=hf_config.num_hidden_layers,
-                            num_attention_heads=hf_config.num_attention_heads,
-                            num_query_groups=num_kv_heads(hf_config))
+    _check_layout(parallel, hf_config)
     model = source.model(args.make_vocab_size_divisible_by, parallel.tensor_model_parallel_size)
-    if model.family.num_experts(hf_config) and parallel.tensor_model_parallel_size > 1:
-        # megatron-core builds MoE under TP only with sequence parallel; it changes no weight
-        parallel.sequence_parallel = True
     dtype = source.dtype(args.torch_dtype)
     reader = HFReader(source.dir) if args.to_mcore else None   # reads headers now: a corrupt file fails here
     init_distributed(parallel, resolve_runtime(runtime.transformer_impl, runtime.attention_backend))
@@ -77,6 +71,17 @@ def run(argv: list[str]) -> int:
     finally:
         destroy_distributed()
     return 0 if ok else 1
+
+
+def _check_layout(parallel: ParallelArgs, hf_config) -> None:
+    """The layout against the model, before any work."""
+    from megaswift.converters import family_for
+    from megaswift.model.config import check_layout
+
+    family = family_for(hf_config)
+    if family.num_experts(hf_config) and parallel.tensor_model_parallel_size > 1:
+        parallel.sequence_parallel = True  # megatron-core builds MoE under TP only with SP; no weight changes
+    check_layout(parallel, hf_config, family, training=False)
 
 
 def _cached_dataset(args: ExportArgs, data: DataArgs, out: Path) -> int:
@@ -218,9 +223,7 @@ def _export_lora(args: ExportArgs, parallel: ParallelArgs, runtime: RuntimeArgs,
             + (f"--model {model_flag}" if model_flag else f"--load {load_flag}"))
     source = resolve_source(model_flag, load_flag, args.trust_remote_code)
     hf_config = source.hf_config
-    parallel.validate_model(num_layers=hf_config.num_hidden_layers,
-                            num_attention_heads=hf_config.num_attention_heads,
-                            num_query_groups=num_kv_heads(hf_config))
+    _check_layout(parallel, hf_config)
     rec = lora.record
     model = HFModel.from_config(hf_config, rec.make_vocab_size_divisible_by, parallel.tensor_model_parallel_size,
                                 rec.padded_vocab_size)
@@ -318,9 +321,7 @@ def _import_peft(args: ExportArgs, parallel: ParallelArgs, runtime: RuntimeArgs,
         log(f"base model from {folder.dir / 'adapter_config.json'}: --model {model_flag}")
     source = resolve_source(model_flag, None, args.trust_remote_code)
     hf_config = source.hf_config
-    parallel.validate_model(num_layers=hf_config.num_hidden_layers,
-                            num_attention_heads=hf_config.num_attention_heads,
-                            num_query_groups=num_kv_heads(hf_config))
+    _check_layout(parallel, hf_config)
     model = source.model(args.make_vocab_size_divisible_by, parallel.tensor_model_parallel_size)
     cfg = lora_config_from_peft(folder, model.family, hf_config)
     tuner = TunerArgs(train_type="lora", **cfg)

@@ -1,11 +1,13 @@
 """Per-family HF <-> MCore mappings, declared as data (see `family.py`)."""
 
+from megaswift.converters.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
 from megaswift.converters.family import Family
 from megaswift.converters.llama import LLAMA, MISTRAL
 from megaswift.converters.mixtral import MIXTRAL
 from megaswift.converters.qwen import QWEN2, QWEN2_MOE, QWEN3, QWEN3_MOE
 
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, QWEN2_MOE, QWEN3_MOE, MIXTRAL)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, QWEN2_MOE, QWEN3_MOE, MIXTRAL, DEEPSEEK_V2,
+                                 DEEPSEEK_V3)
 
 
 def family_for(hf_config) -> Family:

@@ -6,7 +6,11 @@ layer and expert numbers into global ones, runs the mapping's transform on full 
 `sharding` cut or join the pieces over the mapping's axis (TP or expert TP). Pipeline stages and
 expert-parallel ranks fall out of the global numbers of the layers and experts each rank holds.
 Completeness is checked both ways: every MCore parameter has exactly one mapping, and across all
-ranks every HF tensor is consumed.
+ranks every HF tensor is consumed (but those the family declares dropped, counted and logged).
+
+Persistent buffers that hold checkpoint state (megatron's MoE `router.expert_bias`, DeepSeek-V3's
+`e_score_correction_bias`) are converted like parameters when a mapping names them; the other
+buffers are derived (RoPE tables, token counters) and left alone.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from megaswift.converters.hf_io import CheckpointError, HFReader
 from megaswift.converters.mappings import Mapping, ModelDims
 from megaswift.converters.names import canonical, compile_pattern, fill
 from megaswift.converters.sharding import Axis, Placement, shard, unshard
+from megaswift.logging_utils import log
 
 # HF tensors that carry nothing (derived buffers some old checkpoints saved).
 _IGNORABLE = re.compile(r".*\.rotary_emb\.inv_freq$")
@@ -31,7 +36,7 @@ _IGNORABLE = re.compile(r".*\.rotary_emb\.inv_freq$")
 
 @dataclass(frozen=True)
 class Target:
-    param: torch.nn.Parameter
+    param: torch.Tensor      # a parameter, or a persistent buffer a mapping names
     mcore_name: str          # canonical, with the global layer and expert indices
     mapping: Mapping         # for an adapter parameter: the mapping of the weight it adapts
     layer: int | None
@@ -61,7 +66,7 @@ def targets(models, family: Family, hf_config, placement: Placement) -> list[Tar
     patterns = [(compile_pattern(m.mcore), m) for m in family.mappings(hf_config)]
     out = []
     for model in models:
-        for name, param in model.named_parameters():
+        for name, param in _parameters_and_mapped_buffers(model, patterns):
             base = canonical(name)
             hits = [(hit, mapping) for rx, mapping in patterns if (hit := rx.match(base.name))]
             if len(hits) != 1:
@@ -73,6 +78,19 @@ def targets(models, family: Family, hf_config, placement: Placement) -> list[Tar
             out.append(Target(param, fill(mapping.mcore, layer, expert), mapping, layer, expert,
                               base.adapter, name))
     return out
+
+
+def _parameters_and_mapped_buffers(model, patterns) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter, and each persistent buffer some mapping names (state such as the router's
+    expert bias; unnamed buffers are derived and not converted)."""
+    buffers = []
+    for module_name, module in model.named_modules():
+        for leaf, buf in module.named_buffers(recurse=False):
+            name = f"{module_name}.{leaf}" if module_name else leaf
+            if (buf is not None and leaf not in module._non_persistent_buffers_set
+                    and any(rx.match(canonical(name).name) for rx, _ in patterns)):
+                buffers.append((name, buf))
+    return [*model.named_parameters(), *buffers]
 
 
 def _global_indices(model, match: re.Match, placement: Placement) -> tuple[int | None, int | None]:
@@ -109,10 +127,10 @@ def load_hf_weights(models, family: Family, hf_config, reader: HFReader, dims: M
                     f"expects {tuple(t.param.shape)}; config.json does not match the weights")
             t.param.data.copy_(piece)
             consumed.update(names.values())
-    _check_all_consumed(reader, consumed, hf_config)
+    _check_all_consumed(reader, consumed, family, hf_config)
 
 
-def _check_all_consumed(reader: HFReader, consumed: set[str], hf_config) -> None:
+def _check_all_consumed(reader: HFReader, consumed: set[str], family: Family, hf_config) -> None:
     everyone = [consumed]
     if dist.is_initialized() and dist.get_world_size() > 1:
         everyone = [None] * dist.get_world_size()
@@ -121,6 +139,13 @@ def _check_all_consumed(reader: HFReader, consumed: set[str], hf_config) -> None
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
     left = [k for k in reader.keys()
             if k not in used and not _IGNORABLE.match(k) and not (tied and k == "lm_head.weight")]
+    dropped = family.dropped(hf_config)
+    if dropped:
+        pattern, why = dropped
+        skipped = [k for k in left if re.match(pattern, k)]
+        if skipped:
+            log(f"skipped {len(skipped)} HF tensor(s) of {why}")
+        left = [k for k in left if not re.match(pattern, k)]
     if left:
         raise CheckpointError(
             f"{len(left)} HF tensor(s) in {reader.dir} have no MCore counterpart, e.g. "
@@ -134,12 +159,14 @@ _GROUPS = {Axis.TP: parallel_state.get_tensor_model_parallel_group,
 
 
 def export_hf_tensors(models, family: Family, hf_config, dims: ModelDims, *,
-                      placement: Placement | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                      placement: Placement | None = None,
+                      dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, full tensor) for this rank's chunks.
 
     Every rank of a parameter's axis group must iterate (its pieces are all-gathered there); only
     rank 0 of that group in the first data-parallel replica yields, so each tensor is written
     once. Routed experts differ between expert-parallel ranks: each of them writes its own.
+    `dtype`: the dtype written (mappings that keep float32 excepted); None keeps the model's.
     `placement` defaults to this rank's place in megatron's groups.
     """
     placement = placement or current_placement()
@@ -151,8 +178,9 @@ def export_hf_tensors(models, family: Family, hf_config, dims: ModelDims, *,
         if full is None or (tied and t.mcore_name == "output_layer.weight"):
             continue
         names = t.hf_names()
+        cast = dtype if dtype is not None and not t.mapping.keeps_float32 else None
         for role, tensor in t.mapping.to_hf(full, dims).items():
-            yield names[role], tensor.cpu()
+            yield names[role], (tensor.to(cast) if cast is not None else tensor).cpu()
 
 
 def gather_full(param: torch.Tensor, mapping: Mapping, placement: Placement) -> torch.Tensor | None:

@@ -22,8 +22,8 @@ def write_hf_folder(chunks: list, family, hf_config, dims, dtype: torch.dtype, o
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     rank = dist.get_rank()
     writer = ShardedWriter(out, parse_size(max_shard_size), tag=f"{rank:05d}")
-    for name, tensor in export_hf_tensors(chunks, family, hf_config, dims):
-        writer.add(name, tensor.to(dtype))
+    for name, tensor in export_hf_tensors(chunks, family, hf_config, dims, dtype=dtype):
+        writer.add(name, tensor)
     writer.flush()
     files = [((pp_rank, rank), writer.files)]
     if dist.get_world_size() > 1:

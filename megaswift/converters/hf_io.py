@@ -19,8 +19,18 @@ class CheckpointError(ValueError):
     """An HF or MCore checkpoint that cannot be used; the message names the file and the fix."""
 
 
+# transformers 5's in-memory MoE layout, which some checkpoints are saved in: every expert of a
+# layer in one 3-D tensor. The reader shows them as the per-expert tensors transformers writes.
+_FUSED_EXPERTS = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<part>gate_up_proj|down_proj)$")
+
+
 class HFReader:
-    """Lazy access to the tensors of an HF folder: a tensor is read only when asked for."""
+    """Lazy access to the tensors of an HF folder: a tensor is read only when asked for.
+
+    Fused 3-D expert tensors (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj`
+    [E, H, I]) appear as the per-expert names (`mlp.experts.E.gate_proj.weight` ...), each read as
+    its own slice of the file.
+    """
 
     def __init__(self, model_dir: str | os.PathLike):
         self.dir = Path(model_dir)
@@ -38,6 +48,22 @@ class HFReader:
                 for k in self._open(f.name).keys():
                     weight_map[k] = f.name
         self.weight_map: dict[str, str] = weight_map
+        self._fused_files: dict[str, str] = {}
+        self.virtual: dict[str, tuple[str, int, int | None]] = {}  # name -> (fused tensor, expert, gate/up half)
+        for key in list(weight_map):
+            m = _FUSED_EXPERTS.match(key)
+            if not m:
+                continue
+            shape = self._open(weight_map[key]).get_slice(key).get_shape()
+            if len(shape) != 3:
+                continue
+            for e in range(shape[0]):
+                if m["part"] == "down_proj":
+                    self.virtual[f"{m['prefix']}.{e}.down_proj.weight"] = (key, e, None)
+                else:
+                    self.virtual[f"{m['prefix']}.{e}.gate_proj.weight"] = (key, e, 0)
+                    self.virtual[f"{m['prefix']}.{e}.up_proj.weight"] = (key, e, 1)
+            self._fused_files[key] = weight_map.pop(key)
 
     def _open(self, fname: str):
         if fname not in self._handles:
@@ -49,14 +75,25 @@ class HFReader:
                                       "re-download or re-export it") from e
         return self._handles[fname]
 
+    def _expert_slice(self, key: str, expert: int, half: int | None) -> torch.Tensor:
+        """Expert `expert`'s matrix of a fused tensor (`half` 0/1: gate/up rows of gate_up_proj)."""
+        fname = self._fused_files[key]
+        sl = self._open(fname).get_slice(key)
+        if half is None:
+            return sl[expert].contiguous()
+        rows = sl.get_shape()[1] // 2
+        return sl[expert, half * rows:(half + 1) * rows].contiguous()
+
     def close(self) -> None:
         """Drop the memory maps (their pages count towards this process's RSS)."""
         self._handles.clear()
 
     def keys(self) -> list[str]:
-        return list(self.weight_map)
+        return list(self.weight_map) + list(self.virtual)
 
     def get(self, name: str) -> torch.Tensor:
+        if name in self.virtual:
+            return self._expert_slice(*self.virtual[name])
         if name not in self.weight_map:
             raise CheckpointError(f"tensor {name} is missing from {self.dir}")
         fname = self.weight_map[name]

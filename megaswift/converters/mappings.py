@@ -39,6 +39,9 @@ class Mapping(ABC):
     # other dims along, so they apply to any tensor with the weight's rows: a bias, LoRA's B.
     # A mapping that also changes dim 1 must say False (its LoRA then has no PEFT form).
     row_wise: ClassVar[bool] = True
+    # Kept in float32 whatever dtype the model is written in (DeepSeek-V3's routing bias is fp32
+    # inside bf16 checkpoints, as megatron keeps its expert bias).
+    keeps_float32: ClassVar[bool] = False
 
     def hf_names(self, layer: int | None = None, expert: int | None = None) -> dict[str, str]:
         """{role: HF tensor name} for the global `layer` and `expert` (None where not indexed)."""
@@ -63,6 +66,12 @@ class Rename(Mapping):
 
     def to_hf(self, t, dims):
         return {"hf": t}
+
+
+@dataclass(frozen=True)
+class Float32Rename(Rename):
+    """A renamed tensor that stays float32 in a lower-precision checkpoint."""
+    keeps_float32: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)

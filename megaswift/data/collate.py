@@ -99,15 +99,17 @@ def collate_padding_free(samples: Sequence[dict], *, pad_id: int, multiple: int,
                              f"(a multiple of {multiple} is required)")
         total = length
     tail = total - sum(padded)
-    ids, shifted, positions = [], [], []
+    ids, shifted, positions, is_pad = [], [], [], []
     for (x, lab), n in zip(parts, padded):
         extra = n - len(x)
         ids += list(x) + [pad_id] * extra
         shifted += shift_labels(lab) + [IGNORE_INDEX] * extra
         positions += range(n)
+        is_pad += [False] * len(x) + [True] * extra
     ids += [pad_id] * tail
     shifted += [IGNORE_INDEX] * tail
     positions += range(tail)
+    is_pad += [True] * tail
     segments = padded + ([tail] if tail else [])
     cu = _cumsum(segments)
     padded_cu = cu if cp > 1 else None
@@ -119,7 +121,8 @@ def collate_padding_free(samples: Sequence[dict], *, pad_id: int, multiple: int,
     return TrainBatch(input_ids=torch.tensor([ids], dtype=torch.long), labels=labels,
                       loss_mask=loss_mask, position_ids=torch.tensor([positions], dtype=torch.long),
                       attention_mask=None, packed_seq_params=params,
-                      num_real_tokens=real, num_padded_tokens=total - real)
+                      num_real_tokens=real, num_padded_tokens=total - real,
+                      padding_mask=torch.tensor([is_pad], dtype=torch.bool))
 
 
 def collate_padded(samples: Sequence[dict], *, pad_id: int, multiple: int) -> TrainBatch:
@@ -151,7 +154,7 @@ def collate_padded(samples: Sequence[dict], *, pad_id: int, multiple: int) -> Tr
     return TrainBatch(input_ids=ids, labels=labels, loss_mask=loss_mask,
                       position_ids=torch.arange(s).expand(b, s).contiguous(),
                       attention_mask=mask, packed_seq_params=None,
-                      num_real_tokens=n_real, num_padded_tokens=b * s - n_real)
+                      num_real_tokens=n_real, num_padded_tokens=b * s - n_real, padding_mask=~real)
 
 
 # ---------------------------------------------------------------------------- preference pairs

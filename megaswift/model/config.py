@@ -55,6 +55,24 @@ def check_sliding_window(hf_config, sequence_budget: int | None) -> None:
                      f"pass --max_length {window} or less (attention within the window is exact)")
 
 
+def model_fields(hf_config, family, moe=None) -> dict[str, Any]:
+    """The family's TransformerConfig fields from config.json, with the MoE flags (`MoEArgs`) over them."""
+    from megaswift.args.moe import MoEArgs
+
+    fields = family.config_fields(hf_config)
+    return {**fields, **(moe or MoEArgs()).config_fields(fields)}
+
+
+def check_layout(parallel, hf_config, family, moe=None, *, training: bool) -> None:
+    """Every check of the parallel layout against the model, before any work (LayoutError names the flag)."""
+    parallel.validate_model(num_layers=hf_config.num_hidden_layers,
+                            num_attention_heads=hf_config.num_attention_heads,
+                            num_query_groups=num_kv_heads(hf_config))
+    fields = model_fields(hf_config, family, moe)
+    parallel.validate_experts(num_experts=fields.get("num_moe_experts") or 0, topk=fields.get("moe_router_topk"),
+                              moe_ffn_hidden_size=fields.get("moe_ffn_hidden_size"), training=training)
+
+
 @dataclass(frozen=True)
 class ParallelSizes:
     """The parallel layout as megatron-core's config takes it (`ParallelArgs.sizes()` from flags)."""
@@ -127,6 +145,10 @@ def transformer_config(hf_config, family, sizes: ParallelSizes, params_dtype: to
         kwargs["attention_backend"] = AttnBackend[runtime.attention_backend]
     kwargs.update(family.config_fields(hf_config))
     kwargs.update(overrides)
+    if kwargs.get("multi_latent_attention"):  # MLA's own RoPE fields come with the family's (rope.mla_rope_fields)
+        from megatron.core.transformer import MLATransformerConfig
+
+        return MLATransformerConfig(**kwargs)
     yarn = yarn_scaling_factor(hf_config, kwargs["kv_channels"])
     if yarn is not None:
         return YarnTransformerConfig(yarn_rotary_scaling_factor=yarn, **kwargs)

@@ -17,6 +17,22 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from megaswift.batch import TrainBatch
 
 
+def moe_padding_mask(model, batch: TrainBatch) -> Optional[torch.Tensor]:
+    """The batch's padding tokens as this stage's MoE routers take them (they route no padding, so
+    router losses, expert load and capacity see only real tokens), or None for a dense model."""
+    inner = model
+    while hasattr(inner, "module"):  # DDP, Float16Module
+        inner = inner.module
+    if not inner.config.num_moe_experts or batch.padding_mask is None:
+        return None
+    mask = batch.padding_mask
+    if not inner.pre_process and inner.config.sequence_parallel:
+        # megatron-core scatters the mask over sequence-parallel ranks on the first stage only
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        mask = mask.chunk(tp, dim=1)[parallel_state.get_tensor_model_parallel_rank()].contiguous()
+    return mask
+
+
 @torch.no_grad()
 def forward_logits(model, batch: TrainBatch, config) -> Optional[torch.Tensor]:
     """Full-vocab logits [b, s, V_padded] on the last pipeline stage, None elsewhere.

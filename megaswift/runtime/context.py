@@ -92,3 +92,35 @@ def current() -> Runtime:
     if _current is None:
         _current = resolve()
     return _current
+
+
+def _deep_ep_importable() -> bool:
+    try:
+        import deep_ep  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def moe_kernels(fields: dict, runtime: Runtime) -> tuple[dict, list[str]]:
+    """The MoE speed options `fields` asks for, turned into their portable equivalents where this
+    machine lacks them; returns (fields, one note per fallback). Results do not change."""
+    fields, notes = dict(fields), []
+    te = runtime.transformer_impl == "transformer_engine"
+    if fields.get("moe_grouped_gemm") and not te:
+        fields["moe_grouped_gemm"] = False
+        notes.append("--moe_grouped_gemm true: needs TransformerEngine on CUDA; using SequentialMLP "
+                     "(one GEMM per local expert, same math and checkpoint)")
+    if fields.get("moe_permute_fusion") and not te:
+        fields["moe_permute_fusion"] = False
+        notes.append("--moe_permute_fusion true: needs TransformerEngine on CUDA; permuting tokens in torch")
+    if fields.get("moe_token_dispatcher_type") == "flex" and not (runtime.cuda and _deep_ep_importable()):
+        fields["moe_token_dispatcher_type"], fields["moe_enable_deepep"] = "alltoall", False
+        notes.append("--moe_token_dispatcher_type flex: needs CUDA and the deep_ep package; using the "
+                     "alltoall dispatcher")
+    if fields.get("moe_shared_expert_overlap") and not (
+            runtime.cuda and fields.get("moe_token_dispatcher_type") in ("alltoall", "flex")):
+        fields["moe_shared_expert_overlap"] = False
+        notes.append("--moe_shared_expert_overlap true: needs CUDA streams and the alltoall/flex "
+                     "dispatcher; the shared expert runs after the routed ones")
+    return fields, notes

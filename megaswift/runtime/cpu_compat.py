@@ -422,27 +422,31 @@ def _uneven_gather(original):
     return gather
 
 
-def _uneven_reduce_scatter(original):
-    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
-        if input_split_sizes is None or group.size() == 1:
-            return original(input_, group, input_split_sizes, use_global_buffer)
-        total = input_.contiguous().clone()
-        dist.all_reduce(total, group=group)
-        rank = dist.get_rank(group)
-        start = sum(input_split_sizes[:rank])
-        return total[start: start + input_split_sizes[rank]].contiguous()
-    return reduce_scatter
-
-
-@adaptation("tensor_parallel/mappings.py _gather_along_first_dim / _reduce_scatter_along_first_dim "
-            "with split sizes (MoE alltoall dispatcher under expert-TP: each rank's token count "
-            "differs): list all_gather / reduce_scatter of unequal tensors, which gloo refuses")
-def patch_uneven_tp_collectives() -> None:
+@adaptation("tensor_parallel/mappings.py _gather_along_first_dim with split sizes (MoE alltoall "
+            "dispatcher under expert-TP: each rank's token count differs): a list all_gather of "
+            "unequal tensors, which gloo refuses ('invalid tensor size')")
+def patch_uneven_gather() -> None:
     from megatron.core.tensor_parallel import mappings
 
     _patch(mappings, "_gather_along_first_dim", _uneven_gather(mappings._gather_along_first_dim))
-    _patch(mappings, "_reduce_scatter_along_first_dim",
-           _uneven_reduce_scatter(mappings._reduce_scatter_along_first_dim))
+
+
+@adaptation("models/common/embeddings/yarn_rotary_pos_embedding.py YarnRotaryEmbedding.__init__ "
+            "(built by transformer/multi_latent_attention.py MultiLatentAttention without "
+            "use_cpu_initialization) and get_emb (moves its inverse frequencies once): "
+            "device=torch.cuda.current_device() (YaRN RoPE of multi-latent attention)")
+def patch_mla_yarn_device() -> None:
+    _patch(_torch_of("megatron.core.models.common.embeddings.yarn_rotary_pos_embedding").cuda,
+           "current_device", _cpu_device)
+
+
+@adaptation("transformer/multi_latent_attention.py MultiLatentAttention.__init__: "
+            "`HAVE_TE and isinstance(self.linear_proj, TELinear)` (0.16.1): megatron's TE extension "
+            "imports without TE and leaves TELinear a mock, so HAVE_TE is True and isinstance raises")
+def patch_mla_te_check() -> None:
+    from megatron.core.transformer import multi_latent_attention
+
+    _patch(multi_latent_attention, "HAVE_TE", False)
 
 
 def _tagged_batched_p2p_ops(*, tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_recv_next,

@@ -77,7 +77,7 @@ def init_distributed(parallel: ParallelArgs, runtime: Runtime | None = None,
         torch.cuda.set_device(info.local_rank)
     else:
         cpu_compat.apply()
-    megatron_fixes.without_transformer_engine()
+    megatron_fixes.at_startup()
     if not dist.is_initialized():
         if info.world_size == 1 and "MASTER_ADDR" not in os.environ:
             init_method = f"tcp://127.0.0.1:{_free_port()}"

@@ -65,6 +65,10 @@ class TrainLogger:
                 f"lr {record.get('lr', 0):.3e} grad_norm {record.get('grad_norm', 0):.3f} "
                 f"{record['tokens_per_second']:.1f} tok/s {record['seconds_per_iteration']:.2f} s/it "
                 f"mem {record['memory_rss_gib']:.2f} GiB ETA {_fmt_eta(eta)}")
+        for key, short in (("load_balancing_loss", "lb_loss"), ("seq_load_balancing_loss", "seq_lb_loss"),
+                           ("z_loss", "z_loss"), ("moe_load_cv", "expert_load_cv")):
+            if key in record:
+                line += f" {short} {record[key]:.4f}"
         if "tflops_per_device" in record:
             line += f" {record['tflops_per_device']:.3f} TFLOP/s/dev"
         print(line, file=sys.stderr, flush=True)

@@ -21,6 +21,7 @@ from megaswift.training.state import has_optimizer_state, load_training_state, s
 from megaswift.training.batches import (EMPTY_SAMPLE, GlobalBatchSampler, IndexedBatches, StreamBatches, eval_batches,
                                      train_iters_for_epochs)
 from megaswift.training.logger import TrainLogger
+from megaswift.training.moe_metrics import MoEMetrics
 from megaswift.training.setup import build_model, wrap_and_optimize
 from megaswift.training.method import LanguageModeling, TrainingMethod
 from megaswift.tuners import add_lora, count_parameters, set_trainable
@@ -32,15 +33,18 @@ def fixed_shape(job, datasets=()) -> tuple[int, int] | None:
 
     Interleaved (virtual) pipeline stages get fixed shapes: megatron-core's per-micro-batch shape
     exchange does not survive the interleaved schedule on gloo (the shape messages are untagged).
+    So does MoE's allgather dispatcher, which gathers every rank's tokens as equal-sized pieces.
     With context parallel, packed rows grow by their samples' padding to 2 x CP, so the length
     is the longest such row in ``datasets``.
     """
-    if not job.parallel.virtual_pipeline_model_parallel_size:
+    allgather = job.moe.moe_token_dispatcher_type == "allgather"
+    if not (job.parallel.virtual_pipeline_model_parallel_size or allgather):
         return None
     length = job.data.resolved_packing_length if job.data.packing else job.data.max_length
     if not length:
-        raise ValueError("--virtual_pipeline_model_parallel_size needs --max_length (micro-batches "
-                         "are padded to a fixed shape)")
+        why = ("--virtual_pipeline_model_parallel_size" if job.parallel.virtual_pipeline_model_parallel_size
+               else "--moe_token_dispatcher_type allgather")
+        raise ValueError(f"{why} needs --max_length (micro-batches are padded to a fixed shape)")
     mbs = job.train.micro_batch_size
     if job.mode == "rlhf" and not job.data.packing:
         mbs *= 2  # a preference pair is two sequences (chosen, rejected) of up to --max_length each
@@ -49,7 +53,7 @@ def fixed_shape(job, datasets=()) -> tuple[int, int] | None:
     cp = job.parallel.context_parallel_size
     if cp > 1:
         if job.data.packing and any(is_stream(ds) for ds in datasets):
-            raise ValueError("--virtual_pipeline_model_parallel_size with --context_parallel_size needs the "
+            raise ValueError("fixed micro-batch shapes with --context_parallel_size need the "
                              "longest packed row up front: drop --streaming, or pack ahead of time")
         for ds in datasets:
             if ds is not None and "lengths" in (getattr(ds, "column_names", None) or ()):
@@ -110,7 +114,7 @@ def _reference(job, hf, dtype, t, fixed, method, model, chunks, resume: bool) ->
         method.reference = reference_runner(method, model, adapters_off)
         log("reference model: the policy with its LoRA adapters off")
         return
-    ref_chunks, _ = build_model(hf, job.parallel, dtype, t, fixed)
+    ref_chunks, _ = build_model(hf, job.parallel, dtype, t, fixed, job.moe)
     ref_load, ref_model = _reference_source(job, resume)
     if ref_load and not ref_model:
         load_models(ref_chunks, Path(ref_load).expanduser())
@@ -237,7 +241,7 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
         t = dataclasses.replace(t, use_distributed_optimizer=False)
         log("one data-parallel rank: using the plain (non-distributed) optimizer")
     fixed = fixed_shape(job, (train_ds, val_ds))
-    chunks, config = build_model(hf, job.parallel, dtype, t, fixed)
+    chunks, config = build_model(hf, job.parallel, dtype, t, fixed, job.moe)
     resume = _load_weights(job, hf, chunks)
     adapters = _tune(job, chunks, t.seed)
     counts = count_parameters(chunks)
@@ -258,9 +262,10 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
     logger = TrainLogger(save_root, t.tensorboard_dir, writer, iters)
     logger.log_start(start, {"trainable_params": counts.trainable, "total_params": counts.total})
     n_params = _count_params(chunks)
+    moe_metrics = MoEMetrics(chunks, config) if config.num_moe_experts else None
     log(f"training {iters} iterations from {start}: {sampler.num_microbatches} micro-batches of "
         f"{t.micro_batch_size} per step on each of {dp_size} data-parallel ranks; {n_params / 1e6:.1f}M parameters")
-    it = start
+    it = logged_at = start
     try:
         while it < iters:
             step = sampler.step(it)
@@ -279,6 +284,9 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
             real = _real_tokens(step)
             logger.step(real)
             if it % t.log_interval == 0 or it == iters:
+                if moe_metrics is not None:  # collective
+                    metrics.update(moe_metrics.collect(sampler.num_microbatches * (it - logged_at)))
+                logged_at = it
                 if t.log_throughput:
                     metrics["tflops_per_device"] = 6 * n_params * real / 1e12 / dist.get_world_size()
                 logger.log(it, {**metrics, "consumed_samples": it * t.global_batch_size}, start)

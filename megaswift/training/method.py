@@ -26,6 +26,7 @@ from megatron.core import parallel_state
 from megaswift.batch import TrainBatch
 from megaswift.context_parallel import slice_batch
 from megaswift.data.collate import collate_padded, collate_padding_free
+from megaswift.model.forward import moe_padding_mask
 
 
 @dataclass
@@ -89,7 +90,8 @@ class LanguageModeling:
         if self.cp > 1:
             batch = slice_batch(batch, self.cp, parallel_state.get_context_parallel_rank())
         output = model(batch.input_ids, batch.position_ids, batch.attention_mask, labels=batch.labels,
-                       packed_seq_params=batch.packed_seq_params)
+                       packed_seq_params=batch.packed_seq_params,
+                       padding_mask=moe_padding_mask(model, batch))
         return output, lambda per_token: self.loss(batch.loss_mask, per_token)
 
     @staticmethod

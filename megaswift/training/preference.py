@@ -29,6 +29,7 @@ from megatron.core import parallel_state
 
 from megaswift.context_parallel import slice_batch
 from megaswift.data.collate import collate_preference, collate_preference_padded, sequence_sums
+from megaswift.model.forward import moe_padding_mask
 from megaswift.training.method import Loss, Totals, ratio
 from megaswift.training.preference_loss import (METRIC_NAMES, BCOPairState, PreferenceLossConfig, dpo_loss,
                                                 metric_sums)
@@ -104,7 +105,8 @@ class DirectPreference:
         if self.cp > 1:
             batch = slice_batch(batch, self.cp, parallel_state.get_context_parallel_rank())
         output = model(batch.input_ids, batch.position_ids, batch.attention_mask, labels=batch.labels,
-                       packed_seq_params=batch.packed_seq_params)
+                       packed_seq_params=batch.packed_seq_params,
+                       padding_mask=moe_padding_mask(model, batch))
 
         def loss_func(per_token_loss):
             logps, tokens = self._sequence_logps(per_token_loss, batch)
@@ -119,7 +121,8 @@ class DirectPreference:
         if self.cp > 1:
             batch = slice_batch(batch, self.cp, parallel_state.get_context_parallel_rank())
         output = model(batch.input_ids, batch.position_ids, batch.attention_mask, labels=batch.labels,
-                       packed_seq_params=batch.packed_seq_params)
+                       packed_seq_params=batch.packed_seq_params,
+                       padding_mask=moe_padding_mask(model, batch))
         return output, lambda per_token_loss: self.loss(per_token_loss, batch, ref)
 
     def loss(self, per_token_loss: torch.Tensor, batch, ref: Optional[torch.Tensor]) -> Loss:

@@ -10,11 +10,16 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megaswift.args.moe import MoEArgs
 from megaswift.args.parallel import ParallelArgs
 from megaswift.args.train import TrainArgs
 from megaswift.model.builder import build_gpt_model
 from megaswift.model.config import transformer_config
 from megaswift.model.hf import HFModel
+from megaswift.logging_utils import log
+from megaswift.runtime.context import current as current_runtime
+from megaswift.runtime.context import moe_kernels
+from megaswift.runtime.distributed import is_rank0
 
 
 @dataclass
@@ -42,19 +47,29 @@ def recompute_overrides(train: TrainArgs) -> dict:
     return out
 
 
+_noted: set[str] = set()
+
+
 def build_model(hf: HFModel, parallel: ParallelArgs, dtype: torch.dtype, train: TrainArgs,
-                fixed_shape: tuple[int, int] | None = None) -> tuple[list, object]:
+                fixed_shape: tuple[int, int] | None = None, moe: MoEArgs | None = None) -> tuple[list, object]:
     """This rank's (unwrapped) model chunks and their TransformerConfig.
 
     `fixed_shape` (seq_length, micro_batch_size) when every micro-batch has one shape; otherwise
-    shapes are exchanged between pipeline stages per micro-batch.
+    shapes are exchanged between pipeline stages per micro-batch. `moe`: the MoE flags over the
+    model's config.json, speed-only options turned portable where the machine lacks them.
     """
+    moe_fields, notes = moe_kernels((moe or MoEArgs()).config_fields(hf.family.config_fields(hf.config)),
+                                    current_runtime())
+    for note in notes:
+        if note not in _noted and is_rank0():
+            log(note)
+        _noted.add(note)
     config = transformer_config(
         hf.config, hf.family, parallel.sizes(), dtype,
         perform_initialization=False,   # weights always come from an HF or MCore checkpoint
         calculate_per_token_loss=train.calculate_per_token_loss,
         variable_seq_lengths=fixed_shape is None,  # padding-free batches differ in length
-        moe_token_dispatcher_type="alltoall",  # the only dispatcher megatron allows with them
+        **moe_fields,
         attention_dropout=0.0,
         **recompute_overrides(train),
     )

@@ -26,7 +26,7 @@ from megaswift.args.train import TrainArgs
 from megaswift.checkpointing import ARGS, HF_CONFIG, TRACKER, CheckpointRecord, resolve
 from megaswift.converters.hf_io import CheckpointError, HFReader, copy_side_files
 from megaswift.logging_utils import log
-from megaswift.model.config import check_sliding_window, num_kv_heads
+from megaswift.model.config import check_layout, check_sliding_window
 from megaswift.model.source import resolve_source
 from megaswift.runtime.context import resolve as resolve_runtime
 from megaswift.runtime.distributed import barrier, destroy_distributed, init_distributed, is_rank0
@@ -190,10 +190,8 @@ def train(job: Job) -> int:
     source = resolve_source(job.model.model, job.model.load, job.model.trust_remote_code)
     src, hf_config = source.dir, source.hf_config
     _check_adapters(job, source)
-    job.parallel.validate_model(num_layers=hf_config.num_hidden_layers,
-                                num_attention_heads=hf_config.num_attention_heads,
-                                num_query_groups=num_kv_heads(hf_config))
     hf = source.model(job.model.make_vocab_size_divisible_by, job.parallel.tensor_model_parallel_size)
+    check_layout(job.parallel, hf_config, hf.family, job.moe, training=True)
     if not source.is_checkpoint:
         HFReader(src).close()  # reads the safetensors headers: a truncated or corrupt file fails here
     dtype = source.dtype(job.model.torch_dtype, bf16=job.model.bf16, fp16=job.model.fp16)
