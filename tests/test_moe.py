@@ -203,3 +203,28 @@ def test_dense_model_refuses_expert_parallel(tiny_model_dir, tmp_path):
     proc = run_cli(["export", "--model", str(tiny_model_dir("llama")), "--to_mcore", "true", "--save",
                     str(tmp_path / "mc"), "--expert_model_parallel_size", "2"])
     assert proc.returncode != 0 and "need an MoE model" in proc.stderr
+
+
+def test_deepseek_v3_trains_at_ep2_and_exports_its_updated_expert_bias(dataset, tmp_path_factory, tmp_path):
+    """DeepSeek-V3 (MLA, sigmoid routing with expert bias, shared expert, a dense first layer): EP=2
+    equals one process over 5 steps; the bias moved towards balance and comes back as
+    `e_score_correction_bias`, with transformers' logits matching the trained checkpoint's."""
+    import torch
+
+    from megaswift.assets import fetch_smollm2
+
+    model = make_tiny_model("deepseek_v3", tmp_path_factory.mktemp("ds3-tok"), tokenizer_dir=fetch_smollm2())
+    _run(_sft(model, dataset, tmp_path / "one"))
+    _run(_sft(model, dataset, tmp_path / "ep2", "--expert_model_parallel_size", "2"), nproc=2)
+    keys = ("loss", "grad_norm", "load_balancing_loss", "moe_load_cv")
+    for key in keys:
+        want, got = logged(tmp_path / "one", key), logged(tmp_path / "ep2", key)
+        assert sorted(got) == list(range(1, ITERS + 1))
+        for it, w in want.items():
+            assert abs(got[it] - w) <= RTOL * abs(w), f"{key} at iteration {it}: {got[it]} vs {w}"
+    _precise(_run(["export", "--load", str(tmp_path / "ep2"), "--to_hf", "true", "--save", str(tmp_path / "hf"),
+                   "--expert_model_parallel_size", "2", "--test_convert_precision", "true"], nproc=2))
+    before, after = read_safetensors_dir(model), read_safetensors_dir(tmp_path / "hf")
+    bias = [k for k in before if k.endswith("e_score_correction_bias")]
+    assert bias and all(after[k].dtype == torch.float32 for k in bias)
+    assert all(not torch.equal(before[k], after[k]) for k in bias)  # updated by the routed token counts
