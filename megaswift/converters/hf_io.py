@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ class CheckpointError(ValueError):
 
 # transformers 5's in-memory MoE layout, which some checkpoints are saved in: every expert of a
 # layer in one 3-D tensor. The reader shows them as the per-expert tensors transformers writes.
+_OPEN_FILES = 2
 _FUSED_EXPERTS = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<part>gate_up_proj|down_proj)$")
 
 
@@ -34,7 +36,10 @@ class HFReader:
 
     def __init__(self, model_dir: str | os.PathLike):
         self.dir = Path(model_dir)
-        self._handles: dict[str, object] = {}
+        # Open files, most recent last. Pages a memory map has touched count towards this process's
+        # RSS until it is closed, so only the last few are kept: a rank reading its experts layer
+        # by layer holds one file's pages at a time, not every file it has read.
+        self._handles: OrderedDict[str, object] = OrderedDict()
         index = self.dir / INDEX
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -66,7 +71,11 @@ class HFReader:
             self._fused_files[key] = weight_map.pop(key)
 
     def _open(self, fname: str):
-        if fname not in self._handles:
+        if fname in self._handles:
+            self._handles.move_to_end(fname)
+        else:
+            while len(self._handles) >= _OPEN_FILES:
+                self._handles.popitem(last=False)
             path = self.dir / fname
             try:
                 self._handles[fname] = safe_open(str(path), framework="pt")
