@@ -18,6 +18,7 @@ from conftest import assert_bitwise_equal, read_safetensors_dir, run_megatron
 from megaswift.converters import family_for
 from megaswift.converters.sharding import shard, unshard
 from test_convert import _assert_precise, _ok
+from test_cpu_compat import exercises, world  # noqa: F401  (the registry's marker and one-rank fixture)
 
 FAMILIES = ["deepseek_v3", "deepseek_v2"]
 
@@ -179,25 +180,6 @@ def test_inexact_features_are_refused(config, match):
 
 # -- the CPU adaptations multi-latent attention needs (cpu_compat) --------------------------------------
 # (test_cpu_compat.test_every_adaptation_has_a_behaviour_test counts these too)
-
-def exercises(*names: str):
-    def deco(fn):
-        fn.exercises = names
-        return fn
-    return deco
-
-
-@pytest.fixture(scope="module")
-def world():
-    from megaswift.args.parallel import ParallelArgs
-    from megaswift.runtime.distributed import destroy_distributed, init_distributed
-
-    init_distributed(ParallelArgs())
-    try:
-        yield
-    finally:
-        destroy_distributed()
-
 
 @exercises("patch_mla_yarn_device")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU adaptations are inert with CUDA")
