@@ -122,7 +122,10 @@ def reference(moe_model, dataset, tmp_path_factory):
 
 LAYOUTS = {
     "ep2_dp2_distopt": (2, ["--expert_model_parallel_size", "2"]),
-    "ep2_dp2_ddp": (2, ["--expert_model_parallel_size", "2", "--use_distributed_optimizer", "false"]),
+    # with the speed options Megatron-SWIFT's MoE commands pass: portable equivalents here, same numbers
+    "ep2_dp2_ddp": (2, ["--expert_model_parallel_size", "2", "--use_distributed_optimizer", "false",
+                        "--moe_grouped_gemm", "true", "--moe_permute_fusion", "true",
+                        "--moe_shared_expert_overlap", "true"]),
     "tp2_ep2_sp": (4, ["--tensor_model_parallel_size", "2", "--sequence_parallel", "true",  # expert-TP 2 too
                        "--expert_model_parallel_size", "2"]),
     "pp2_ep2": (4, ["--pipeline_model_parallel_size", "2", "--expert_model_parallel_size", "2"]),
@@ -138,6 +141,9 @@ def test_loss_parity_with_one_process(layout, moe_model, dataset, reference, tmp
     out = _run(_sft(moe_model, dataset, tmp_path / "run", *flags), nproc=nproc)
     _assert_parity(_figures(tmp_path / "run"), reference[0])
     assert "lb_loss" in out and "expert_load_cv" in out  # on the console too
+    if "--moe_grouped_gemm" in flags:  # one logged line per fallback, on rank 0 only
+        for flag in ("--moe_grouped_gemm true", "--moe_permute_fusion true", "--moe_shared_expert_overlap true"):
+            assert out.count(flag + ":") == 1, flag
     if layout == "ep2_dp2_distopt":  # the EP-trained checkpoint exports; transformers' logits match it
         _precise(_run(["export", "--load", str(tmp_path / "run"), "--to_hf", "true", "--save", str(tmp_path / "hf"),
                        "--expert_model_parallel_size", "2", "--test_convert_precision", "true"], nproc=2))
