@@ -13,7 +13,10 @@ mapping only regroups, splits or trims dim 0 (`Mapping.row_wise`), so:
 
 Over tensor parallel an adapter is split the way `LoraLinear` holds it (`adapter_shard`): a
 column-parallel weight's B like the weight (COLUMN, GLU) and A replicated; a row-parallel weight's A
-along dim 1 (ROW) and B replicated.
+along dim 1 (ROW) and B replicated. A routed expert's adapter is one PEFT module per expert under
+transformers' on-disk per-expert names (`mlp.experts.<E>.gate_proj` ...; fc1's A shared by gate/up,
+its B split, as for a dense GatedMLP), split over expert-TP and gathered per expert-parallel rank as
+the expert weights are; peft fuses such per-expert adapters into transformers' 3-D experts itself.
 
 The PEFT side is `peft.get_peft_model_state_dict`'s: ``base_model.model.<HF module>.lora_A.weight``
 / ``.lora_B.weight``; a module saved whole (``modules_to_save``) under its HF tensor names; with
@@ -112,20 +115,22 @@ class LoraMapping(Mapping):
 # -- the model's names, from the family's declarations -------------------------------------------
 @dataclass(frozen=True)
 class Named:
-    """One declared mapping at one global layer (None: not per layer)."""
+    """One declared mapping at one global layer (None: not per layer) and, for a routed expert's
+    weight, one global expert."""
     mapping: Mapping
     layer: int | None
+    expert: int | None = None
 
     @property
     def mcore(self) -> str:
-        return fill(self.mapping.mcore, self.layer)
+        return fill(self.mapping.mcore, self.layer, self.expert)
 
     @property
     def mcore_module(self) -> str:
         return self.mcore.rsplit(".", 1)[0]
 
     def hf(self) -> dict[str, str]:
-        return self.mapping.hf_names(self.layer)
+        return self.mapping.hf_names(self.layer, self.expert)
 
     def lora_candidate(self) -> bool:
         """A decoder linear LoRA can wrap: a tensor-parallel weight of a decoder module."""
@@ -133,16 +138,39 @@ class Named:
                 and self.mapping.shard in (Shard.COLUMN, Shard.GLU, Shard.ROW))
 
 
+# The parts of megatron's MoE layer (`MoELayer` and its pre-MLP norm) and of its dense MLP with the
+# pre-MLP norm fused into fc1: an MoE family declares both, each decoder layer is one or the other.
+_MOE_PART = re.compile(r"\.(mlp\.(router|experts|shared_experts)|pre_mlp_layernorm)\.")
+_DENSE_MLP = re.compile(r"\.mlp\.linear_fc[12]\.")
+
+
+def _moe_layers(family, hf_config) -> list[int]:
+    """1 for each MoE decoder layer, 0 for a dense one (megatron's `moe_layer_freq` of the family)."""
+    n = hf_config.num_hidden_layers
+    if not family.num_experts(hf_config):
+        return [0] * n
+    freq = family.transformer_config(hf_config).get("moe_layer_freq", 1)
+    return [int(i % freq == 0) for i in range(n)] if isinstance(freq, int) else list(freq)
+
+
 def declared(family, hf_config) -> list[Named]:
-    """Every mapping at every layer (routed experts left out: LoRA does not wrap them yet)."""
+    """Every mapping at every layer it applies to: a routed expert's at each global expert, MoE
+    parts on MoE layers only, the dense MLP on dense layers only. Routed experts are named as
+    megatron's SequentialMLP names them (`local_experts.{E}.linear_fc1`, the module LoRA wraps);
+    grouped experts (`linear_fc1.weight{E}`) have no module per expert and are left out."""
+    moe = _moe_layers(family, hf_config)
+    experts = family.num_experts(hf_config)
     out = []
     for m in family.mappings(hf_config):
-        if EXPERT in m.mcore:
-            continue
+        if EXPERT in m.mcore and EXPERT + "." not in m.mcore:
+            continue  # TEGroupedMLP's weight{E}
+        expert_ids = range(experts) if EXPERT in m.mcore else [None]
         if LAYER in m.mcore:
-            out += [Named(m, i) for i in range(hf_config.num_hidden_layers)]
+            layers = [i for i in range(hf_config.num_hidden_layers)
+                      if not (_MOE_PART.search(m.mcore) and not moe[i]) and not (_DENSE_MLP.search(m.mcore) and moe[i])]
+            out += [Named(m, i, e) for i in layers for e in expert_ids]
         else:
-            out.append(Named(m, None))
+            out += [Named(m, None, e) for e in expert_ids]
     return out
 
 

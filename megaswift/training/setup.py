@@ -60,6 +60,9 @@ def build_model(hf: HFModel, parallel: ParallelArgs, dtype: torch.dtype, train: 
     """
     moe_fields, notes = moe_kernels((moe or MoEArgs()).config_fields(hf.family.config_fields(hf.config)),
                                     current_runtime())
+    # megatron-core 0.16 checks its dispatcher against variable sequence lengths on dense models
+    # too, and its default (allgather) is refused there
+    moe_fields.setdefault("moe_token_dispatcher_type", "alltoall")
     for note in notes:
         if note not in _noted and is_rank0():
             log(note)

@@ -2,8 +2,12 @@
 with Megatron-SWIFT's freezing flags.
 
 Names given by users (``--target_regex``, ``--freeze_parameters``, ``--modules_to_save`` ...) are
-matched against *global* names: ``decoder.layers.<global layer>...``, the same on every pipeline
-layout (at PP=1 they are the module names megatron-core gives).
+matched against *global* names: ``decoder.layers.<global layer>...`` and a routed expert's
+``mlp.experts.local_experts.<global expert>...``, the same on every pipeline and expert-parallel
+layout (in one process they are the module names megatron-core gives).
+
+On MoE models `all-linear` covers the routed experts' linear_fc1/linear_fc2 (one adapter per
+expert) and the shared expert's; the router is no linear of megatron's and `all-router` is refused.
 """
 
 from __future__ import annotations
@@ -20,11 +24,20 @@ from megaswift.tuners.lora import LoraLinear, parallel_mode
 # The linears of the decoder layer spec (`model/spec.py`, and TE's): what --target_modules can name.
 LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 _LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)(?=\.|$)")
+_LOCAL_EXPERT = re.compile(r"\.experts\.local_experts\.(\d+)(?=\.|$)")
+ROUTER_REFUSED = ("--target_modules all-router: LoRA on MoE routers is not supported (megatron's TopKRouter "
+                  "is no tensor-parallel linear LoRA can wrap); train the routers in full with "
+                  "--modules_to_save router, or leave all-router out")
 _EMBEDDINGS = ("embedding.word_embeddings", "output_layer")
 
 
 def global_name(chunk: nn.Module, name: str) -> str:
-    """`name` of a module or parameter of `chunk` with the global decoder layer number."""
+    """`name` of a module or parameter of `chunk` with the global decoder layer and expert numbers."""
+    e = _LOCAL_EXPERT.search(name)
+    if e:  # SequentialMLP: expert-parallel rank r holds experts r * local .. (r + 1) * local - 1
+        experts = chunk.get_submodule(name[:e.start()] + ".experts")
+        first = experts.ep_group.rank() * experts.num_local_experts
+        name = f"{name[:e.start()]}.experts.local_experts.{first + int(e.group(1))}{name[e.end():]}"
     m = _LOCAL_LAYER.match(name)
     if not m:
         return name
@@ -55,6 +68,8 @@ def _lora_targets(chunk, cfg: dict) -> list[tuple[str, str, nn.Module]]:
 
 def check_targets(target_modules: list[str]) -> None:
     """Before any work: every --target_modules name is a linear of the layer spec (or all-linear)."""
+    if "all-router" in target_modules:
+        raise ValueError(ROUTER_REFUSED)
     unknown = [t for t in target_modules if t not in ("all-linear", "all-router")
                and not any(n == t or n.endswith("." + t) for n in LINEARS)]
     if unknown:
@@ -75,6 +90,8 @@ def add_lora(chunks: list, cfg: dict, seed: int) -> int:
     names no linear of the model is an error on every rank (pipeline stages see different layers,
     so the check is on the names, not on this rank's share).
     """
+    if not cfg.get("target_regex") and "all-router" in cfg["target_modules"]:
+        raise ValueError(ROUTER_REFUSED)
     wrapped = 0
     names = set()
     for chunk in chunks:

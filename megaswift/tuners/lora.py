@@ -18,6 +18,16 @@ hold anyway:
   along the input like the base and B is replicated. A's partial output is all-reduced (or
   reduce-scattered to sequence chunks under sequence parallel) before B.
 
+Routed experts (megatron's `is_expert` linears of `SequentialMLP`, one adapter per local expert)
+are split the same way but over the *expert* tensor-parallel group, with no communication in the
+forward: the token dispatcher already hands every expert-TP rank the same tokens (gathered over
+expert-TP) and sums the ranks' partial outputs when it combines them (a reduce-scatter), exactly as
+it does for the base's own partial outputs. So a column expert computes ``B_r (A x)`` and a row
+expert its partial ``B (A_r x_r)``; the replicated A (column) or B (row) then sees only this rank's
+part of its gradient, which is summed over expert-TP in the backward (`_SumGradOver`). Adapter
+weights copy the base weight's ``allreduce`` attribute (False under expert parallelism), so
+megatron's DDP and optimizer treat them as expert parameters (reduced over expert-data-parallel).
+
 Fused pre-norm linears (our `LayerNormColumnParallelLinear`, TE's `TELayerNormColumnParallelLinear`)
 feed the adapter the *normalised* input, as the unfused HF model does for q/k/v_proj.
 
@@ -92,6 +102,22 @@ def seeded_kaiming_(weight_full: torch.Tensor, key: str, seed: int) -> torch.Ten
     return weight_full
 
 
+class _SumGradOver(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over `group` (a replicated weight whose
+    every rank saw only part of the tokens' contribution)."""
+
+    @staticmethod
+    def forward(ctx, weight, group):
+        ctx.group = group
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class LoraLinear(nn.Module):
     """A megatron/TE parallel linear plus a LoRA adapter (see the module docstring)."""
 
@@ -101,8 +127,11 @@ class LoraLinear(nn.Module):
         mode = parallel_mode(base)
         if mode is None:
             raise TypeError(f"{key}: LoRA wraps megatron-core/TE tensor-parallel linears, not {type(base).__name__}")
-        if getattr(base, "is_expert", False):
-            raise NotImplementedError(f"{key}: LoRA on MoE experts comes with MoE support")
+        if not isinstance(getattr(base, "weight", None), torch.Tensor):
+            raise NotImplementedError(
+                f"{key}: LoRA wraps linears with one weight; {type(base).__name__} (grouped experts) holds one "
+                "per expert: train LoRA on MoE with --moe_grouped_gemm false (SequentialMLP experts)")
+        self.is_expert = bool(getattr(base, "is_expert", False))
         self.base_layer = base
         self.mode, self.key = mode, key
         self.r, self.alpha, self.use_rslora = rank, alpha, use_rslora
@@ -111,7 +140,9 @@ class LoraLinear(nn.Module):
         self.tp_group = _tp_group(base)
         self.tp_size = self.tp_group.size()
         self.tp_rank = self.tp_group.rank()
-        self.sequence_parallel = bool(getattr(base, "sequence_parallel", False)) and self.tp_size > 1
+        # experts see dispatched tokens, never sequence chunks (see the module docstring)
+        self.sequence_parallel = (bool(getattr(base, "sequence_parallel", False)) and self.tp_size > 1
+                                  and not self.is_expert)
         in_full, out_full = _sizes(base, mode)
         dtype = base.weight.dtype
         device = base.weight.device
@@ -132,6 +163,10 @@ class LoraLinear(nn.Module):
         split, replicated = (self.lora_B.weight, self.lora_A.weight) if mode == COLUMN else (self.lora_A.weight, self.lora_B.weight)
         set_tensor_model_parallel_attributes(split, is_parallel=True, dim=0 if mode == COLUMN else 1, stride=1)
         setattr(replicated, "sequence_parallel", self.sequence_parallel)
+        self.replicated_part = "A" if mode == COLUMN else "B"
+        if self.is_expert:  # expert parameters for megatron's DDP and optimizer, as the base weight
+            for p in (split, replicated):
+                setattr(p, "allreduce", bool(getattr(base.weight, "allreduce", True)))
         for p in base.parameters():
             p.requires_grad_(False)
         self.disabled = False  # True: the base alone (a LoRA run's reference model, see `adapters_off`)
@@ -167,8 +202,21 @@ class LoraLinear(nn.Module):
                 return self.dropout(x)
         return self.dropout(x)  # replicated input: the same mask on every TP rank
 
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if self.is_expert and self.tp_size > 1 and torch.is_grad_enabled():  # replicated: partial gradient
+            if self.replicated_part == "A":
+                a = _SumGradOver.apply(a, self.tp_group)
+            else:
+                b = _SumGradOver.apply(b, self.tp_group)
+        return a, b
+
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's contribution to the base's output (its local shard, as the base's)."""
+        """The adapter's contribution to the base's output (its local shard, as the base's; for an
+        expert under expert-TP, a row-parallel one's partial sum as the base's)."""
+        if self.is_expert:
+            a, b = self._weights()
+            return F.linear(F.linear(self._dropout(x), a), b) * self.scaling
         h = F.linear(self._dropout(x), self.lora_A.weight)
         if self.mode == COLUMN:
             if self.sequence_parallel:
@@ -206,7 +254,11 @@ class LoraLinear(nn.Module):
         out = {f"{prefix}base_layer.{k[len(prefix):]}": v for k, v in base.items()}
         own = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
         axis = {"lora_B.weight": 0} if self.mode == COLUMN else {"lora_A.weight": 1}
-        out.update(make_sharded_tensors_for_checkpoint(own, prefix, axis, sharded_offsets))
+        from megatron.core import parallel_state
+        dp_cp = (metadata or {}).get("dp_cp_group") or parallel_state.get_data_parallel_group(with_context_parallel=True)
+        # the base's own groups: an expert's adapter splits over expert-TP like the expert weight
+        out.update(make_sharded_tensors_for_checkpoint(own, prefix, axis, sharded_offsets,
+                                                       tp_group=self.tp_group, dp_cp_group=dp_cp))
         if self.mode == COLUMN and self.key.endswith("linear_fc1") and getattr(self.base_layer.config, "gated_linear_unit", False):
             # SwiGLU fc1 holds [gate_r; up_r] on TP rank r: saved as megatron saves the fc1 weight
             # itself ([gate; up] whatever the TP size), or a run resumed or exported at another TP
