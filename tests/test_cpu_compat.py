@@ -318,6 +318,25 @@ def test_expert_bias_counts_only_real_tokens(world):
     assert router.local_tokens_per_expert.tolist() == [1.0, 2.0, 1.0, 0.0]
 
 
+@exercises("recompute_without_fp8")
+def test_output_discarding_recompute_without_transformer_engine(world):
+    """--recompute_modules layernorm / moe_act / mla_up_proj checkpoint without keeping the output;
+    without TE, megatron-core's took the FP8 path for fp8=False and failed."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    x = torch.randn(5, requires_grad=True)
+    stock = tp_random.CheckpointWithoutOutput.__new__(tp_random.CheckpointWithoutOutput)
+    tp_random.CheckpointWithoutOutput.__init__.__wrapped__(stock)
+    with pytest.raises(NameError, match="FP8GlobalStateManager"):
+        stock.checkpoint(torch.sin, x)
+    fixed = tp_random.CheckpointWithoutOutput()
+    y = fixed.checkpoint(torch.sin, x)
+    z = y * 2
+    fixed.discard_output_and_register_recompute(z)
+    z.sum().backward()
+    assert torch.allclose(x.grad, 2 * torch.cos(x))
+
+
 # -- megatron-core version fixes: a real save and load through megatron's optimizer state dict ---
 
 def _tiny_ddp(distributed: bool):

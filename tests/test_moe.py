@@ -129,6 +129,9 @@ LAYOUTS = {
     "tp2_ep2_sp": (4, ["--tensor_model_parallel_size", "2", "--sequence_parallel", "true",  # expert-TP 2 too
                        "--expert_model_parallel_size", "2"]),
     "pp2_ep2": (4, ["--pipeline_model_parallel_size", "2", "--expert_model_parallel_size", "2"]),
+    # every MoE recompute module (moe_act: kept, logged, without grouped-GEMM experts)
+    "ep2_recompute": (2, ["--expert_model_parallel_size", "2", "--recompute_granularity", "selective",
+                          "--recompute_modules", "core_attn", "moe", "layernorm", "moe_act", "mlp"]),
     "cp2_ep2": (2, ["--context_parallel_size", "2", "--expert_model_parallel_size", "2"]),
     "pp2_uneven": (2, ["--pipeline_model_parallel_size", "2", "--decoder_first_pipeline_num_layers", "1"]),
 }

@@ -162,6 +162,27 @@ def expert_bias_padding_mask() -> None:
     TopKRouter._apply_expert_bias = _apply_expert_bias
 
 
+@adaptation("tensor_parallel/random.py CheckpointWithoutOutput.__init__: `self.fp8 = fp8 is not None` is "
+            "True for the default fp8=False, so the forward asks TransformerEngine's FP8GlobalStateManager "
+            "(NameError without TE): every output-discarding recompute (--recompute_modules layernorm, "
+            "moe_act, mla_up_proj; megatron-core 0.16.1)", when=STARTUP)
+def recompute_without_fp8() -> None:
+    from megatron.core.tensor_parallel import random as tp_random
+
+    cls = tp_random.CheckpointWithoutOutput
+    original = cls.__init__
+    if getattr(original, "_megaswift_fixed", False):
+        return
+
+    def __init__(self, fp8=False):
+        original(self, fp8)
+        self.fp8 = fp8 is not None and fp8 is not False
+
+    __init__._megaswift_fixed = True
+    __init__.__wrapped__ = original
+    cls.__init__ = __init__
+
+
 def at_startup() -> None:
     global _started
     if not _started:

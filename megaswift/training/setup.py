@@ -60,6 +60,12 @@ def build_model(hf: HFModel, parallel: ParallelArgs, dtype: torch.dtype, train: 
     """
     moe_fields, notes = moe_kernels((moe or MoEArgs()).config_fields(hf.family.config_fields(hf.config)),
                                     current_runtime())
+    recompute = recompute_overrides(train)
+    if "moe_act" in recompute.get("recompute_modules", ()) and not moe_fields.get("moe_grouped_gemm"):
+        # memory only: megatron-core recomputes the expert activation in grouped-GEMM experts alone
+        recompute["recompute_modules"] = [m for m in recompute["recompute_modules"] if m != "moe_act"]
+        notes.append("--recompute_modules moe_act: megatron-core recomputes it only in grouped-GEMM experts "
+                     "(--moe_grouped_gemm true with TransformerEngine); the expert activations are kept here")
     # megatron-core 0.16 checks its dispatcher against variable sequence lengths on dense models
     # too, and its default (allgather) is refused there
     moe_fields.setdefault("moe_token_dispatcher_type", "alltoall")
@@ -74,7 +80,7 @@ def build_model(hf: HFModel, parallel: ParallelArgs, dtype: torch.dtype, train: 
         variable_seq_lengths=fixed_shape is None,  # padding-free batches differ in length
         **moe_fields,
         attention_dropout=0.0,
-        **recompute_overrides(train),
+        **recompute,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(train.seed)
     vpp = parallel.virtual_pipeline_model_parallel_size
