@@ -28,7 +28,10 @@ class MoEMetrics:
 
         self.num_layers = config.num_layers
         self.num_experts = config.num_moe_experts or 0
-        self.counts = torch.zeros(self.num_layers, max(self.num_experts, 1), dtype=torch.float64)
+        from megaswift.runtime.distributed import device
+
+        # kept on the compute device: a per-layer copy to the host would synchronise every forward
+        self.counts = torch.zeros(self.num_layers, max(self.num_experts, 1), dtype=torch.float64, device=device())
         self.hooks = []
         for chunk in chunks:
             for module in chunk.modules():
@@ -53,13 +56,12 @@ class MoEMetrics:
         padding = inputs[1] if len(inputs) > 1 else None  # router(hidden_states, padding_mask)
         if padding is not None:
             routing_map = routing_map & ~padding.reshape(-1, 1)
-        self.counts[module.layer_number - 1] += routing_map.sum(dim=0).to("cpu", torch.float64)
+        self.counts[module.layer_number - 1] += routing_map.sum(dim=0).to(torch.float64)
 
     def collect(self, num_microbatches: int) -> dict[str, float]:
         """The figures since the last call (and reset them). Collective over all ranks."""
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
-        from megaswift.runtime.distributed import device
 
         tracker = get_moe_layer_wise_logging_tracker()
         # Every rank of a pipeline stage (TP x CP x DP) records each layer's loss; ranks of an entry's
@@ -76,10 +78,10 @@ class MoEMetrics:
             share = copies / (partial.size() if partial is not None else 1)
             rows.append(entry["values"].detach().to("cpu", torch.float64) / share)
         losses = torch.stack(rows) if rows else torch.zeros(0, self.num_layers, dtype=torch.float64)
-        packed = torch.cat([self.counts.flatten(), losses.flatten()]).to(device())
+        packed = torch.cat([self.counts.flatten(), losses.flatten().to(self.counts.device)])
         dist.all_reduce(packed)
         packed = packed.cpu()
-        counts = packed[: self.counts.numel()].view_as(self.counts)
+        counts = packed[: self.counts.numel()].view(self.counts.shape)
         losses = packed[self.counts.numel():].view(len(self.loss_names), self.num_layers)
         self.counts.zero_()
         clear_aux_losses_tracker()
