@@ -182,7 +182,9 @@ def _p2p_worker(rank: int, port: int, out: str) -> None:
                         prev_pipeline_rank=other, next_pipeline_rank=other):
                     req.wait()
             got[label] = (recv_prev[0].item(), recv_next[0].item())
+            dist.barrier()   # the refused gather errors locally: keep the ranks in step before the next
         torch.save(got, f"{out}/rank{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -227,7 +229,9 @@ def _moe_worker(rank: int, port: int, out: str) -> None:
                     torch.arange(15.0).view(5, 3), group, input_split_sizes=sizes)
                 got[label, "split_sizes"] = type(moe_utils.maybe_move_tensor_to_cpu(
                     torch.tensor(sizes), as_numpy=True)).__name__
+            dist.barrier()   # the refused gather errors locally: keep the ranks in step before the next
         torch.save(got, f"{out}/rank{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
