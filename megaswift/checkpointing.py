@@ -2,8 +2,12 @@
 
     <dir>/latest_checkpointed_iteration.txt   "release" or the iteration number; written last
     <dir>/release/ or <dir>/iter_0000100/     the torch_dist checkpoint (reshardable over TP/PP)
-    <dir>/args.json                           how the checkpoint was made (model, layout, dtype)
+    <dir>/args.json                           how the checkpoint was made (model, layout, dtype),
+                                              with the keys Megatron-SWIFT reads (`CheckpointRecord`)
     <dir>/hf_config/                          the HF config, generation config and tokenizer
+
+Megatron-SWIFT (`swift export --to_mcore`, `megatron sft`) writes the same layout (iteration 1
+for an export) with ms-swift's args.json and no hf_config/: `model/source.py` reads those.
 
 A checkpoint directory only becomes visible through the tracker, written after every rank has
 finished, so a crash during a save leaves the previous checkpoint usable.
@@ -231,6 +235,14 @@ def load_common(ckpt: Path) -> dict:
         return dist_checkpointing.load_common_state_dict(str(ckpt))
 
 
+def stored_shape(ckpt: Path, key: str) -> tuple[int, ...] | None:
+    """The global shape the iteration directory `ckpt` stores tensor `key` with (None: no such tensor),
+    read from its index alone."""
+    meta = read_metadata(ckpt / ".metadata").state_dict_metadata.get(key)
+    size = getattr(meta, "size", None)
+    return tuple(size) if size is not None else None
+
+
 def load_models(models, root: Path, trainable_only: bool = False) -> None:
     """Load this rank's chunks from `root` at whatever TP/PP it was saved with (only the trainable
     parameters, from a LoRA checkpoint, with `trainable_only`)."""
@@ -238,12 +250,22 @@ def load_models(models, root: Path, trainable_only: bool = False) -> None:
     load_model_states(models, loaded, trainable_only)
 
 
+SWIFT_LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_bias", "use_rslora", "target_modules",
+                   "target_regex", "modules_to_save")
+"""LoRA flags Megatron-SWIFT's `--adapter_load` reads from a run's args.json (MegatronTunerMixin.load_tuner_config)."""
+
+
 @dataclass
 class CheckpointRecord:
     """`args.json`: what rebuilds a checkpoint's model, written by export and by training alike.
 
     ``flags`` holds a training run's flags by group (``mode``, ``model_args``, ``parallel``,
-    ``data``, ``train``, ``runtime``), kept at the top level of the file.
+    ``data``, ``train``, ``runtime``), kept at the top level of the file. The file also carries the
+    keys ms-swift 3.8 reads from a checkpoint's args.json, so Megatron-SWIFT can `--load` it:
+    ``model`` (MegatronTrainArguments takes the model from it when `--model` is not given),
+    ``model_type`` (only when known: a missing one lets ms-swift infer it from the model, as it did
+    the first time; an HF `model_type` is not ms-swift's), ``torch_dtype``, ``model_dir``, and from
+    `swift_keys` ``train_type`` and, for a LoRA run, its adapter flags and base ``load``.
     """
     family: str
     torch_dtype: str
@@ -251,29 +273,67 @@ class CheckpointRecord:
     make_vocab_size_divisible_by: int
     saved_with: dict | None = None          # the layout it was written at (TP, PP)
     source_model: str | None = None         # the HF model it was converted from
+    model: str | None = None                # ms-swift's `model`: the HF model, as --model named it
+    model_dir: str | None = None            # ms-swift's `model_dir`: that model's local folder
+    model_type: str | None = None           # ms-swift's model type, when one was given or read
     flags: dict = field(default_factory=dict)
     megaswift_checkpoint: int = 1
+
+    def swift_keys(self) -> dict:
+        """`train_type` (and a LoRA run's adapter flags and base `load`), in ms-swift's spelling."""
+        tuner = self.flags.get("tuner") or {}
+        keys = {"train_type": tuner.get("train_type", "full")}
+        if keys["train_type"] == "lora":
+            keys.update({k: tuner[k] for k in SWIFT_LORA_KEYS if k in tuner})
+            base = (self.flags.get("model_args") or {}).get("load")
+            if base:
+                keys["load"] = base
+        return keys
 
     def write(self, root: Path) -> None:
         data = {k: v for k, v in asdict(self).items() if k != "flags" and v is not None}
         tmp = root / (ARGS + ".tmp")
-        tmp.write_text(json.dumps({**data, **self.flags}, indent=2, default=str) + "\n")
+        tmp.write_text(json.dumps({**self.swift_keys(), **data, **self.flags}, indent=2, default=str) + "\n")
         os.replace(tmp, root / ARGS)
 
     @classmethod
     def read(cls, root: Path) -> "CheckpointRecord":
         path = root / ARGS
-        if not path.exists():
+        data = read_args(root)
+        if data is None:
             raise CheckpointError(f"{path} is missing: {root} was not written by megaswift; "
                                   "re-export it with `megatron export --to_mcore`")
+        if not is_megaswift_record(data):
+            raise CheckpointError(f"{path} was written by ms-swift (Megatron-SWIFT) or Megatron-LM, not megaswift: "
+                                  "such a checkpoint is read as --load only (with --model <hf dir> for its config)")
         try:
-            data = json.loads(path.read_text())
             known = {f.name for f in fields(cls)} - {"flags"}
+            derived = {"train_type", "load", *SWIFT_LORA_KEYS}
             return cls(**{k: v for k, v in data.items() if k in known},
-                       flags={k: v for k, v in data.items() if k not in known})
+                       flags={k: v for k, v in data.items() if k not in known and k not in derived})
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{path} is damaged ({e}); re-export the checkpoint with "
                                   "`megatron export --to_mcore`") from None
+
+
+def read_args(root: Path) -> dict | None:
+    """`root`'s args.json as a dict (megaswift's record or ms-swift's arguments); None when absent."""
+    path = root / ARGS
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path} is damaged ({e}); re-export the checkpoint") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is damaged (it holds a {type(data).__name__}, not an object); "
+                              "re-export the checkpoint")
+    return data
+
+
+def is_megaswift_record(data: dict) -> bool:
+    """megaswift writes `family` (and `megaswift_checkpoint`); ms-swift's arguments have neither."""
+    return "family" in data or "megaswift_checkpoint" in data
 
 
 def _rank() -> int:

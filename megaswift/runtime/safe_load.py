@@ -16,14 +16,20 @@ a `__reduce__` planted in two of them runs at `megatron sft/export --load`:
 back afterwards. `.metadata` goes through `MetadataUnpickler`, which admits only the records
 torch.distributed.checkpoint writes there (`METADATA_GLOBALS`, found by recording every class
 unpickled from checkpoints megaswift saved: export, training with Adam, SGD, the distributed
-optimizer, float32 and bfloat16). The other two go through `torch_load`: weights-only, with no
-extra globals, as megaswift's writers (`save_state`, `save_training_state`) put only tensors,
-numbers, strings and containers there. A refused class is a `CheckpointError` naming the file and
-the class; a file that cannot be parsed is one naming the file as damaged.
+optimizer, float32 and bfloat16). The shards' object entries go through `torch_load`: weights-only,
+with no extra globals, as megaswift's writers (`save_state`, `save_training_state`) put only tensors,
+numbers, strings and containers there. common.pt goes through `load_common_file`: the same, except
+for the records Megatron-LM keeps there (`FOREIGN_ENTRIES`: its flags as an argparse.Namespace,
+which Megatron-SWIFT fills with ms-swift's and transformers' objects, and the rerun state
+machine's enum); a class or function named inside those becomes an inert `Unresolved` stand-in
+(nothing is imported, nothing is called), one named anywhere else is refused. A refused class is a
+`CheckpointError` naming the file and the class; a file that cannot be parsed is one naming the
+file as damaged.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import pickle
@@ -55,8 +61,22 @@ METADATA_GLOBALS = frozenset({
 """Classes and functions `.metadata` may name, besides the constants `_is_torch_constant` admits."""
 
 TORCH_LOAD_GLOBALS: tuple = ()
-"""Globals admitted to common.pt and the shards' object entries beyond torch's own weights-only
-set (tensors, storages, dtypes, OrderedDict). None: megaswift writes no other type there."""
+"""Globals admitted to the shards' object entries (and megaswift's rng files) beyond torch's own
+weights-only set (tensors, storages, dtypes, OrderedDict). None: megaswift writes no other type there."""
+
+COMMON_GLOBALS: tuple = (argparse.Namespace,)
+"""Globals admitted to common.pt besides `TORCH_LOAD_GLOBALS`: Megatron-LM's save_checkpoint pickles
+its flags there as an argparse.Namespace (`state_dict['args'] = args`), a plain attribute bag."""
+
+FOREIGN_ENTRIES = ("args", "rerun_state_machine")
+"""common.pt entries Megatron-LM fills with its run's own objects, which megaswift never reads:
+`args` (Megatron-SWIFT sets ms-swift's ModelInfo, ModelMeta and MegatronModelMeta, transformers'
+config, functions and megatron enums on it) and `rerun_state_machine` (a RerunMode enum)."""
+
+NEVER_NAMED = frozenset({"builtins", "os", "sys", "posix", "nt", "subprocess", "runpy", "importlib", "pickle",
+                         "marshal", "shutil", "socket", "ctypes", "code", "codeop", "pty", "webbrowser"})
+"""Modules whose names in a checkpoint can only be there to run code (exec, eval, system ...): refused
+even inside `FOREIGN_ENTRIES` (torch's own builtins, set or slice, are in its weights-only set)."""
 
 
 def _is_torch_constant(module: str, name: str) -> bool:
@@ -131,11 +151,11 @@ def _only_safe_globals(admitted):
         torch.serialization.add_safe_globals(saved)
 
 
-def torch_load(f, name: str | Path):
-    """torch.load(weights_only=True) of a path or buffer, admitting `TORCH_LOAD_GLOBALS` only.
+def torch_load(f, name: str | Path, admitted=TORCH_LOAD_GLOBALS):
+    """torch.load(weights_only=True) of a path or buffer, admitting `admitted` only.
 
     weights_only is passed explicitly, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot lift it."""
-    with _only_safe_globals(TORCH_LOAD_GLOBALS):
+    with _only_safe_globals(admitted):
         try:
             return torch.load(f, map_location="cpu", weights_only=True)
         except FileNotFoundError:
@@ -148,6 +168,73 @@ def torch_load(f, name: str | Path):
             raise damaged(name, lines[0].strip() if lines else "UnpicklingError") from None
         except Exception as e:  # RuntimeError "PytorchStreamReader failed ...", EOFError ...
             raise damaged(name, f"{type(e).__name__}: {e}") from None
+
+
+class Unresolved:
+    """Stands in for a class or function a checkpoint's pickle names and megaswift never imports:
+    it keeps the name (`name`, on its class) and what it was pickled with (`args`, `state`), and
+    does nothing else, so none of the original's code can run."""
+    name = "?"
+
+    def __new__(cls, *args, **_kwargs):
+        self = object.__new__(cls)
+        self.args, self.state = args, None
+        return self
+
+    def __init__(self, *_args, **_kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f"<unresolved {self.name}>"
+
+
+def _stand_in(name: str) -> type:
+    return type("Unresolved", (Unresolved,), {"name": name, "__qualname__": f"Unresolved[{name}]"})
+
+
+def _stand_in_outside(state: dict, allowed: tuple) -> str | None:
+    """The name of the first `Unresolved` in `state` outside the entries `allowed`, or None."""
+    stack = [v for k, v in state.items() if k not in allowed]
+    seen: set[int] = set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, Unresolved) or (isinstance(obj, type) and issubclass(obj, Unresolved)):
+            return obj.name
+        if isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        elif isinstance(obj, argparse.Namespace):
+            stack.extend(vars(obj).values())
+    return None
+
+
+def load_common_file(path: Path) -> dict:
+    """A checkpoint's common.pt (megaswift's, or Megatron-LM's with its `args`), weights-only.
+
+    Tensors, numbers, strings, containers and argparse.Namespace load as themselves. Megatron-LM's
+    own records (`FOREIGN_ENTRIES`) may name further classes and functions (a Megatron-SWIFT
+    checkpoint's `args` holds ms-swift objects): each becomes an `Unresolved` stand-in. One named
+    outside those entries, or from a module in `NEVER_NAMED`, is refused."""
+    with _only_safe_globals(COMMON_GLOBALS):
+        names = _unsafe_globals(path)
+    for full in names:
+        if full.split(".", 1)[0] in NEVER_NAMED:
+            raise refused(path, full)
+    state = torch_load(path, path, admitted=(*COMMON_GLOBALS, *((_stand_in(n), n) for n in names)))
+    if not isinstance(state, dict):
+        raise damaged(path, f"holds a {type(state).__name__}, not a dict")
+    outside = _stand_in_outside(state, FOREIGN_ENTRIES)
+    if outside is not None:
+        raise refused(path, outside)
+    return state
 
 
 def _unsafe_globals(f) -> list[str]:
@@ -218,8 +305,7 @@ def restricted_unpickling(ckpt: Path):
 
     @record
     def load_common(_strategy, checkpoint_dir):  # TorchCommonLoadStrategy.load_common, weights-only
-        path = Path(checkpoint_dir) / COMMON_STATE_FNAME
-        return torch_load(path, path)
+        return load_common_file(Path(checkpoint_dir) / COMMON_STATE_FNAME)
 
     saved = (filesystem.pickle, default_planner.DefaultLoadPlanner.load_bytes, TorchCommonLoadStrategy.load_common)
     filesystem.pickle = _MetadataPickle(record(lambda file, **_kw: unpickle_metadata(

@@ -62,21 +62,33 @@ def has_optimizer_state(root: Path) -> bool:
 
 
 @torch.no_grad()
-def load_training_state(root: Path, chunks, optimizer, scheduler, trainable_only: bool = False, method=None) -> int:
+def load_training_state(root: Path, chunks, optimizer, scheduler, trainable_only: bool = False, method=None,
+                        load_optim: bool = True, load_rng: bool = True) -> int:
     """Restore model (all of it, or its trainable part), optimizer, schedule and RNG; returns the
-    iteration to continue from."""
+    iteration to continue from.
+
+    `load_optim` False (--no_load_optim): the optimizer keeps its fresh state (its fp32 main weights
+    are refreshed from the loaded model), while the iteration and the LR schedule resume.
+    `load_rng` False (--no_load_rng): this process's RNG streams are left as seeded.
+    """
     ckpt = resolve(root)
-    megatron_fixes.before_optimizer_load(optimizer)
-    loaded = load_state(_sharded_state(chunks, optimizer, scheduler, True, loading=True,
-                                       trainable_only=trainable_only), ckpt)
+    if load_optim:
+        megatron_fixes.before_optimizer_load(optimizer)
+        request = _sharded_state(chunks, optimizer, scheduler, True, loading=True, trainable_only=trainable_only)
+    else:
+        request = model_state_dict(chunks, trainable_only)  # the schedule is in the common state
+    loaded = load_state(request, ckpt)
     load_model_states(chunks, loaded, trainable_only)
-    optimizer.load_state_dict(loaded["optimizer"])
-    megatron_fixes.after_optimizer_load(optimizer, loaded["optimizer"])
+    if load_optim:
+        optimizer.load_state_dict(loaded["optimizer"])
+        megatron_fixes.after_optimizer_load(optimizer, loaded["optimizer"])
+    else:
+        optimizer.reload_model_params()  # mixed precision: main weights are copies made at construction
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if hasattr(method, "load_state_dict"):
         method.load_state_dict(loaded.get("method_state") or {})
     rng_file = ckpt / "rng" / f"rank_{dist.get_rank()}.pt"
-    if rng_file.exists():
+    if load_rng and rng_file.exists():
         _set_rng_state(torch_load(rng_file, rng_file))
     return int(loaded["iteration"])
 
