@@ -66,10 +66,21 @@ def _launch_torchrun(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: megatron {{{','.join(COMMANDS)}}} [flags]  (megatron <command> --help)",
               file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], COMMANDS, 1)
+        print(f"megatron: error: unknown command {argv[0]!r}" + (f" (did you mean {close[0]}?)" if close else "")
+              + f"; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    debug = os.environ.get("MEGASWIFT_DEBUG", "0") not in ("", "0")
+    if "--debug" in argv:   # show tracebacks of user errors too
+        argv.remove("--debug")
+        debug = True
     nproc = int(os.environ.get("NPROC_PER_NODE", "1"))
     nnodes = int(os.environ.get("NNODES", "1"))
     if (nproc > 1 or nnodes > 1) and "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
@@ -85,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     command = importlib.import_module(COMMANDS[argv[0]])
     try:
         return command.run(argv[1:])
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError, OSError) as e:
+        if debug:
+            raise
         print(f"megatron {argv[0]}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before training, or a second Ctrl-C during it

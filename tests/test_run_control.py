@@ -189,9 +189,13 @@ def test_sigint_saves_and_exits_cleanly(model_dir, dataset, tmp_path):
     assert 2 <= it < 50 and "SIGINT" in err
 
 
-def test_sigterm_without_save_says_nothing_was_saved(model_dir, dataset):
-    proc = subprocess.Popen([sys.executable, "-m", "megaswift.cli", *_sft_args(model_dir, dataset, None, 50)],
-                            env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def test_sigterm_without_save_saves_to_megatron_output(model_dir, dataset, tmp_path):
+    """Megatron-SWIFT never runs with "nothing saved": without --save a run saves into
+    megatron_output/<model directory name>/vN-<timestamp> under the working directory."""
+    proc = subprocess.Popen([sys.executable, "-m", "megaswift.cli",
+                             *_sft_args(model_dir, dataset, None, 50, "--log_interval", "1", "--add_version", "true")],
+                            env={**_env(1), "PYTHONPATH": str(Path(__file__).parents[1])}, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines = []
     try:
         for line in proc.stderr:
@@ -205,7 +209,10 @@ def test_sigterm_without_save_says_nothing_was_saved(model_dir, dataset):
             proc.kill()
     err = "".join(lines) + err
     assert proc.returncode == 0, err[-3000:]
-    assert "with a checkpoint" not in err and "no --save, nothing saved" in err, err[-3000:]
+    assert "with a checkpoint" in err, err[-3000:]
+    runs = list((tmp_path / "megatron_output" / model_dir.name).iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("v0-"), runs
+    assert 2 <= int((runs[0] / TRACKER).read_text()) < 50
 
 
 # 4. Errors found before training leave no run directory

@@ -12,8 +12,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 class ExportArgs:
     """Conversion between HF folders and megatron-core distributed checkpoints."""
     model: Optional[str] = field(default=None, metadata={"help": "HF model: a local directory (or hub id, needs network)."})
-    load: Optional[str] = field(default=None, metadata={"help": "MCore checkpoint directory to read (for --to_hf)."})
-    save: str = field(default="", metadata={"help": "Output directory (must not exist yet)."})
+    load: Optional[str] = field(default=None, metadata={"help": "MCore checkpoint directory to read (for --to_hf).", "aliases": ("mcore_model",)})
+    save: str = field(default="", metadata={"help": "Output directory, not existing yet (default: <model>-mcore for --to_mcore, <load>-hf for --to_hf, as ms-swift).", "aliases": ("output_dir",)})
     to_mcore: bool = field(default=False, metadata={"help": "Convert --model to an MCore torch_dist checkpoint."})
     to_hf: bool = field(default=False, metadata={"help": "Convert --load to an HF safetensors folder."})
     to_cached_dataset: bool = field(default=False, metadata={"help": "Tokenise (and pack) --dataset once into --save for --cached_dataset."})
@@ -22,7 +22,7 @@ class ExportArgs:
     max_shard_size: str = field(default="5GB", metadata={"help": "Largest safetensors file written by --to_hf."})
     make_vocab_size_divisible_by: int = field(default=128, metadata={"help": "Pad the vocab rows to a multiple of this."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint (off unless asked)."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --save directory."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --save directory.", "aliases": ("exist_ok",)})
     # LoRA
     adapter_load: Optional[str] = field(default=None, metadata={"help": "A megaswift LoRA run (its --save) to export with --to_hf: a PEFT adapter folder, or with --merge_lora true an HF model with the adapter merged. Its base: --model / --load, else the one the run recorded."})
     adapters: list[str] = field(default_factory=list, metadata={"help": "A PEFT LoRA folder to import with --to_mcore as a megaswift LoRA checkpoint (for --adapter_load); --model is its base (default: its base_model_name_or_path)."})
@@ -33,8 +33,14 @@ class ExportArgs:
             raise ValueError("pass exactly one of --to_mcore true, --to_hf true or --to_cached_dataset true")
         if self.to_cached_dataset and not self.model:
             raise ValueError("--to_cached_dataset needs --model <hf_dir> (its tokenizer and chat template)")
-        if not self.save:
-            raise ValueError("--save is required: the output directory")
+        if not self.save:   # ms-swift's default output directory
+            from pathlib import Path
+
+            base = self.model if self.to_mcore or self.to_cached_dataset else (self.load or self.adapter_load)
+            if not base:
+                raise ValueError("--save is required: the output directory")
+            suffix = "-mcore" if self.to_mcore else "-hf" if self.to_hf else "-cached"
+            self.save = str(Path(base).expanduser().resolve().name) + suffix
         if self.adapters:
             if not self.to_mcore:
                 raise ValueError("--adapters (a PEFT folder) imports with --to_mcore true; a megaswift LoRA run "

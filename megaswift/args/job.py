@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Optional
 
 from megaswift.args.data import DataArgs
+from megaswift.args.megatron import ArchArgs, MegatronArgs, SwiftArgs, check_flags
 from megaswift.args.moe import MoEArgs
 from megaswift.args.parallel import ParallelArgs
 from megaswift.args.parser import explicit, parse
@@ -26,19 +28,42 @@ class Job:
     tuner: TunerArgs = dataclasses.field(default_factory=TunerArgs)
     rlhf: Optional[RLHFArgs] = None    # `megatron rlhf` only
     moe: MoEArgs = dataclasses.field(default_factory=MoEArgs)
+    megatron: MegatronArgs = dataclasses.field(default_factory=MegatronArgs)
+    arch: ArchArgs = dataclasses.field(default_factory=ArchArgs)
+    swift: SwiftArgs = dataclasses.field(default_factory=SwiftArgs)
 
     def as_record(self) -> dict:
         """Every flag, by group (what `args.json` keeps of the run)."""
         return {"mode": self.mode, **{k: dataclasses.asdict(getattr(self, g)) for k, g in (
             ("model_args", "model"), ("parallel", "parallel"), ("data", "data"), ("train", "train"),
-            ("runtime", "runtime"), ("tuner", "tuner"), ("rlhf", "rlhf"), ("moe", "moe")) if getattr(self, g) is not None}}
+            ("runtime", "runtime"), ("tuner", "tuner"), ("rlhf", "rlhf"), ("moe", "moe"), ("megatron", "megatron"),
+            ("arch", "arch"), ("swift", "swift")) if getattr(self, g) is not None}}
+
+    @property
+    def groups(self) -> tuple:
+        return tuple(g for g in (self.model, self.parallel, self.data, self.train, self.runtime, self.tuner,
+                                 self.rlhf, self.moe, self.megatron, self.arch, self.swift) if g is not None)
+
+
+GROUPS = (ModelArgs, ParallelArgs, DataArgs, TrainArgs, RuntimeArgs, TunerArgs, MoEArgs, MegatronArgs, ArchArgs,
+          SwiftArgs)
 
 
 def parse_job(argv: list[str], mode: str) -> Job:
-    groups = (ModelArgs, ParallelArgs, DataArgs, TrainArgs, RuntimeArgs, TunerArgs, MoEArgs) + (
-        (RLHFArgs,) if mode == "rlhf" else ())
-    model, parallel, data, train, runtime, tuner, moe, *rest = parse(groups, argv, prog=f"megatron {mode}")
+    groups = GROUPS + ((RLHFArgs,) if mode == "rlhf" else ())
+    model, parallel, data, train, runtime, tuner, moe, megatron, arch, swift, *rest = parse(
+        groups, argv, prog=f"megatron {mode}")
     rlhf = rest[0] if rest else None
+    if megatron.logging_level is not None:
+        from megaswift.logging_utils import set_level
+
+        set_level(megatron.logging_level)
+    check_flags((model, parallel, data, train, runtime, tuner, moe, megatron, arch, swift, *rest), explicit)
+    if train.save is None:  # Megatron-SWIFT: never "nothing saved"
+        train.save = str(Path("megatron_output") / Path(str(model.model or model.load)).expanduser().resolve().name)
+    if data.streaming and (data.val_dataset or data.split_dataset_ratio) and train.eval_iters < 1:
+        raise ValueError("--streaming true with a validation set needs --eval_iters N (a stream's length is "
+                         "unknown, so -1 cannot mean 'all of it')")
     if not data.dataset and not data.cached_dataset:
         raise ValueError("pass --dataset <files> or --cached_dataset <dir>")
     if train.lr is None:  # Megatron-SWIFT's defaults
@@ -50,4 +75,4 @@ def parse_job(argv: list[str], mode: str) -> Job:
             data.loss_scale = "last_round"
         if data.cached_dataset:
             raise ValueError("--cached_dataset holds tokenised sft/pt rows; megatron rlhf reads --dataset")
-    return Job(model, parallel, data, train, mode, runtime, tuner, rlhf, moe)
+    return Job(model, parallel, data, train, mode, runtime, tuner, rlhf, moe, megatron, arch, swift)

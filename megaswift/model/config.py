@@ -153,3 +153,58 @@ def transformer_config(hf_config, family, sizes: ParallelSizes, params_dtype: to
     if yarn is not None:
         return YarnTransformerConfig(yarn_rotary_scaling_factor=yarn, **kwargs)
     return TransformerConfig(**kwargs)
+
+
+def _rope_theta(hf_config) -> float | None:
+    theta = getattr(hf_config, "rope_theta", None)
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    return theta if theta is not None else params.get("rope_theta")
+
+
+def _rope_scaling(hf_config) -> dict | None:
+    scaling = getattr(hf_config, "rope_scaling", None)
+    if scaling is None:
+        params = dict(getattr(hf_config, "rope_parameters", None) or {})
+        params.pop("rope_theta", None)
+        scaling = params if params.get("rope_type", "default") != "default" else None
+    return dict(scaling) if scaling else None
+
+
+def check_arch(arch, config, hf_config, padded_vocab_size: int) -> None:
+    """The model-section flags (`ArchArgs`) describe the checkpoint: config.json is the truth, and a
+    flag given with another value is an error naming both (a silently different model would
+    load the checkpoint's weights into the wrong shapes, or train another architecture)."""
+    import json
+    import math
+
+    actual = {
+        "num_layers": config.num_layers, "hidden_size": config.hidden_size,
+        "ffn_hidden_size": config.ffn_hidden_size, "num_attention_heads": config.num_attention_heads,
+        "num_query_groups": config.num_query_groups,
+        "group_query_attention": config.num_query_groups < config.num_attention_heads,
+        "max_position_embeddings": getattr(hf_config, "max_position_embeddings", None),
+        "position_embedding_type": "rope", "rotary_base": _rope_theta(hf_config),
+        "rotary_percent": float(getattr(hf_config, "partial_rotary_factor", 1.0) or 1.0),
+        "normalization": config.normalization, "norm_epsilon": config.layernorm_epsilon,
+        "swiglu": bool(config.gated_linear_unit), "untie_embeddings_and_output_weights":
+            not getattr(hf_config, "tie_word_embeddings", False),
+        "disable_bias_linear": not config.add_bias_linear, "add_qkv_bias": bool(config.add_qkv_bias),
+        "kv_channels": config.kv_channels, "qk_layernorm": bool(config.qk_layernorm),
+        "padded_vocab_size": padded_vocab_size,
+    }
+    for name, want in actual.items():
+        given = getattr(arch, name)
+        if given is None or want is None:
+            continue
+        same = math.isclose(float(given), float(want), rel_tol=1e-9) if isinstance(want, float) else given == want
+        if not same:
+            show = lambda v: f"{v:g}" if isinstance(v, float) else str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731
+            raise ValueError(f"--{name} {show(given)} contradicts the checkpoint, whose config.json gives {show(want)}: "
+                             f"drop --{name} (the model section is read from config.json)")
+    if arch.rope_scaling is not None:
+        given, have = json.loads(arch.rope_scaling), _rope_scaling(hf_config) or {}
+        differ = {k: (v, have.get(k)) for k, v in given.items() if have.get(k) != v}
+        if differ:
+            shown = ", ".join(f"{k}: {g!r} vs {h!r}" for k, (g, h) in differ.items())
+            raise ValueError(f"--rope_scaling contradicts config.json's rope_scaling ({shown}, flag vs config.json): "
+                             "drop --rope_scaling or edit config.json")

@@ -34,7 +34,8 @@ def resolve_model_dir(model: str) -> Path:
         raise FileNotFoundError(
             f"--model {model}: not a local directory, and the hub download failed ({type(e).__name__}: "
             f"{e}). This machine may be offline (HF_HUB_OFFLINE or no network to the hub): "
-            "download the model elsewhere and pass its local directory") from e
+            f"download the model elsewhere and pass its local directory as --model <dir> (ModelScope ids, "
+            "which Megatron-SWIFT reads without --use_hf true, are fetched from the Hugging Face hub here)") from e
 
 
 def load_hf_config(model_dir: Path, trust_remote_code: bool = False):

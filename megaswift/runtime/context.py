@@ -124,3 +124,45 @@ def moe_kernels(fields: dict, runtime: Runtime) -> tuple[dict, list[str]]:
         notes.append("--moe_shared_expert_overlap true: needs CUDA streams and the alltoall/flex "
                      "dispatcher; the shared expert runs after the routed ones")
     return fields, notes
+
+
+def kernel_fusions(megatron, runtime: Runtime) -> tuple[dict, list[str]]:
+    """megatron-core's fusion switches for the `--no_*_fusion` flags on this machine: on where CUDA
+    (and for the kernels TransformerEngine brings, TE) are present, else the unfused torch ops with
+    one note. Speed only: the math is the same either way."""
+    te = runtime.transformer_impl == "transformer_engine"
+    wanted = {  # TransformerConfig field: (asked for, available here)
+        "bias_dropout_fusion": (not megatron.no_bias_dropout_fusion, runtime.cuda),
+        "bias_activation_fusion": (not megatron.no_bias_swiglu_fusion, runtime.cuda),
+        "masked_softmax_fusion": (not megatron.no_masked_softmax_fusion, te),
+        "apply_rope_fusion": (not megatron.no_rope_fusion, te),
+        "gradient_accumulation_fusion": (not megatron.no_gradient_accumulation_fusion, te),
+    }
+    fields = {k: asked and here for k, (asked, here) in wanted.items()}
+    missing = [k for k, (asked, here) in wanted.items() if asked and not here]
+    notes = []
+    if missing:
+        need = "CUDA" if not runtime.cuda else "TransformerEngine"
+        notes.append(f"kernel fusions {', '.join(m.replace('_fusion', '').replace('apply_', '') for m in missing)}: "
+                     f"need {need}; using the unfused torch ops (same math)")
+    return fields, notes
+
+
+_OPTIMIZER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.uint8}
+
+
+def precision_aware_optimizer(megatron, runtime: Runtime) -> dict:
+    """OptimizerConfig fields for --use_precision_aware_optimizer and its state dtypes. They change
+    results, so where TransformerEngine's FusedAdam cannot run them they are refused, not dropped."""
+    dtypes = {k: getattr(megatron, k) for k in ("main_grads_dtype", "main_params_dtype", "exp_avg_dtype",
+                                                "exp_avg_sq_dtype")}
+    if not megatron.use_precision_aware_optimizer:
+        lowered = [f"--{k} {v}" for k, v in dtypes.items() if v != "fp32"]
+        if lowered:
+            raise ValueError(f"{' '.join(lowered)} needs --use_precision_aware_optimizer true")
+        return {}
+    if not (runtime.cuda and runtime.transformer_impl == "transformer_engine"):
+        missing = "CUDA" if not runtime.cuda else "TransformerEngine"
+        raise ValueError(f"--use_precision_aware_optimizer true needs {missing} (TransformerEngine's FusedAdam keeps "
+                         "the lower-precision states); it changes results, so it is not dropped: remove the flag")
+    return {"use_precision_aware_optimizer": True, **{k: _OPTIMIZER_DTYPES[v] for k, v in dtypes.items()}}

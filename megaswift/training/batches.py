@@ -170,4 +170,4 @@ def eval_batches(dataset, micro_batch_size: int, dp_rank: int, dp_size: int, lim
     usable = len(dataset) // dp_size * dp_size  # every rank runs the same number of batches
     per_rank = list(range(dp_rank, usable, dp_size))
     batches = [per_rank[i:i + micro_batch_size] for i in range(0, len(per_rank), micro_batch_size)]
-    return batches[:limit] if limit else batches
+    return batches[:limit] if limit and limit > 0 else batches   # -1: the whole validation set

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 from pathlib import Path
 
 import torch
@@ -81,15 +82,16 @@ def training_method(job, tokenizer, fixed) -> TrainingMethod:
 
 def _reference_source(job, resume: bool) -> tuple[str | None, str | None]:
     """(MCore checkpoint, HF folder) the reference model is read from: --ref_load, else the
-    policy's starting weights. A resumed run (--load of a run, with its optimizer) started from
-    whatever that run started from, so its args.json is followed back to the first weights."""
+    policy's starting weights (--load's when given, with --model naming only the config). A resumed
+    run (--load of a run, with its optimizer) started from whatever that run started from, so its
+    args.json is followed back to the first weights."""
     if job.rlhf.ref_load:
         return job.rlhf.ref_load, None
     load, model = job.model.load, job.model.model
     from megaswift.checkpointing import CheckpointRecord
 
     for _ in range(100):
-        if model or not (load and resume):
+        if not (load and resume):
             return load, model
         flags = CheckpointRecord.read(Path(load).expanduser()).flags
         if (flags.get("rlhf") or {}).get("ref_load"):
@@ -114,7 +116,7 @@ def _reference(job, hf, dtype, t, fixed, method, model, chunks, resume: bool) ->
         method.reference = reference_runner(method, model, adapters_off)
         log("reference model: the policy with its LoRA adapters off")
         return
-    ref_chunks, _ = build_model(hf, job.parallel, dtype, t, fixed, job.moe)
+    ref_chunks, _ = build_model(hf, job.parallel, dtype, t, fixed, job.moe, job.megatron, job.arch)
     ref_load, ref_model = _reference_source(job, resume)
     if ref_load and not ref_model:
         load_models(ref_chunks, Path(ref_load).expanduser())
@@ -165,6 +167,12 @@ def _train_data(job, train_ds, dp_rank: int, dp_size: int):
     sampler = GlobalBatchSampler(len(train_ds), t.global_batch_size, t.micro_batch_size, dp_rank, dp_size,
                                  seed=job.data.data_seed, shuffle=job.data.train_dataloader_shuffle)
     iters = t.train_iters or train_iters_for_epochs(len(train_ds), t.global_batch_size, t.max_epochs)
+    if t.train_iters and t.max_epochs:   # --max_epochs stops training when reached, as Megatron-SWIFT's
+        by_epochs = train_iters_for_epochs(len(train_ds), t.global_batch_size, t.max_epochs)
+        if by_epochs < iters:
+            log(f"--max_epochs {t.max_epochs} is reached after {by_epochs} of --train_iters {t.train_iters} "
+                "iterations: training stops there")
+            iters = by_epochs
     return IndexedBatches(train_ds, sampler, _sample_lengths(train_ds)), iters
 
 
@@ -188,9 +196,11 @@ def _eval_rows(val_ds, t, dp_size: int):
 
 
 def _load_weights(job, hf, chunks) -> bool:
-    """Base weights before DDP/optimizer exist. Returns True when a full resume must follow
-    (never for LoRA: its base is frozen, the run's state lives under --adapter_load)."""
-    if job.model.model:
+    """Base weights before DDP/optimizer exist: --load's checkpoint when given (with --model too:
+    that names the config and tokenizer only, as in Megatron-SWIFT), else the HF weights of --model.
+    Returns True when a full resume must follow (never for LoRA: its base is frozen, the run's state
+    lives under --adapter_load)."""
+    if not job.model.load:
         from megaswift.model.hf import resolve_model_dir
 
         src = resolve_model_dir(job.model.model)
@@ -198,11 +208,27 @@ def _load_weights(job, hf, chunks) -> bool:
         log(f"loaded HF weights from {src}")
         return False
     root = Path(job.model.load).expanduser()
-    if job.model.finetune or job.tuner.lora or not has_optimizer_state(root):
+    if job.model.finetune or job.tuner.lora or not _resumable(root):
         load_models(chunks, root)
-        log(f"loaded weights from {root} (iteration 0)")
+        config = f"; config and tokenizer from --model {job.model.model}" if job.model.model else ""
+        log(f"loaded weights from {root} (iteration 0){config}")
         return False
     return True
+
+
+def _resumable(root: Path) -> bool:
+    """`root` holds megaswift's training state (optimizer, schedule, iteration). A run Megatron-LM
+    (Megatron-SWIFT) saved holds its own, in its layout: only its weights are read, said once."""
+    from megaswift.checkpointing import load_common, resolve
+
+    common = load_common(resolve(root))
+    if "has_optimizer" in common:
+        return bool(common["has_optimizer"])
+    if common.get("opt_param_scheduler") is not None or common.get("optimizer") is not None:
+        log(f"--load {root} was saved by Megatron-LM (Megatron-SWIFT) at iteration {common.get('iteration')}: its "
+            "optimizer state, schedule and data position are not read; training starts from its weights at "
+            "iteration 0 (as with --finetune true)")
+    return False
 
 
 def _tune(job, chunks, seed: int) -> str | None:
@@ -241,12 +267,12 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
         t = dataclasses.replace(t, use_distributed_optimizer=False)
         log("one data-parallel rank: using the plain (non-distributed) optimizer")
     fixed = fixed_shape(job, (train_ds, val_ds))
-    chunks, config = build_model(hf, job.parallel, dtype, t, fixed, job.moe)
+    chunks, config = build_model(hf, job.parallel, dtype, t, fixed, job.moe, job.megatron, job.arch)
     resume = _load_weights(job, hf, chunks)
     adapters = _tune(job, chunks, t.seed)
     counts = count_parameters(chunks)
     log(counts.line())
-    model, optimizer, scheduler = wrap_and_optimize(chunks, config, t, iters)
+    model, optimizer, scheduler = wrap_and_optimize(chunks, config, t, iters, job.megatron)
     method = training_method(job, tokenizer, fixed)
     if job.mode == "rlhf":
         _reference(job, hf, dtype, t, fixed, method, model, chunks, resume)
@@ -254,18 +280,22 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
     if resume or adapters == "resume":
         root = Path(job.tuner.adapter_load if adapters else job.model.load).expanduser()
         start = load_training_state(root, chunks, optimizer, scheduler, trainable_only=job.tuner.lora,
-                                    method=method)
-        log(f"resumed from {root} at iteration {start}")
+                                    method=method, load_optim=not job.model.no_load_optim,
+                                    load_rng=not job.model.no_load_rng)
+        fresh = [what for what, skip in (("optimizer state (--no_load_optim)", job.model.no_load_optim),
+                                         ("RNG state (--no_load_rng)", job.model.no_load_rng)) if skip]
+        log(f"resumed from {root} at iteration {start}" + (f"; fresh {' and '.join(fresh)}" if fresh else ""))
     if val_ds is not None and t.eval_interval:
         val_ds = _eval_rows(val_ds, t, dp_size)
     writer = dist.get_rank() == dist.get_world_size() - 1   # on the last stage, holds the loss
-    logger = TrainLogger(save_root, t.tensorboard_dir, writer, iters)
+    logger = TrainLogger(save_root, t.tensorboard_dir, writer, iters, job.megatron)
     logger.log_start(start, {"trainable_params": counts.trainable, "total_params": counts.total})
     n_params = _count_params(chunks)
     moe_metrics = MoEMetrics(chunks, config) if config.num_moe_experts else None
     log(f"training {iters} iterations from {start}: {sampler.num_microbatches} micro-batches of "
         f"{t.micro_batch_size} per step on each of {dp_size} data-parallel ranks; {n_params / 1e6:.1f}M parameters")
     it = logged_at = start
+    gc_every = _manual_gc(job.megatron)
     try:
         while it < iters:
             step = sampler.step(it)
@@ -276,6 +306,8 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
                                         save_rng=not t.no_save_rng, trainable_only=job.tuner.lora, method=method)
                     log(f"saved iteration {it} to {save_root}")
                 break
+            if gc_every and it % gc_every == 0 and it > start:
+                gc.collect()
             batches = _prepared([step.collated(method.collate) for _ in model], method, sampler.num_microbatches,
                                 config, fixed)
             metrics = train_step(model, optimizer, scheduler, batches, sampler.num_microbatches, config,
@@ -283,14 +315,16 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
             it += 1
             real = _real_tokens(step)
             logger.step(real)
-            if it % t.log_interval == 0 or it == iters:
+            console = it % t.log_interval == 0 or it == iters
+            write = it % job.megatron.tensorboard_log_interval == 0 or it == iters
+            if console or write:
                 if moe_metrics is not None:  # collective
                     metrics.update(moe_metrics.collect(sampler.num_microbatches * (it - logged_at)))
                 logged_at = it
                 if t.log_throughput:
                     metrics["tflops_per_device"] = 6 * n_params * real / 1e12 / dist.get_world_size()
-                logger.log(it, {**metrics, "consumed_samples": it * t.global_batch_size}, start)
-            if val_ds is not None and t.eval_interval and it % t.eval_interval == 0:
+                logger.log(it, {**metrics, "consumed_samples": it * t.global_batch_size}, start, console, write)
+            if val_ds is not None and t.eval_interval and (it % t.eval_interval == 0 or it == iters):
                 logger.log_eval(it, _evaluate(model, val_ds, method, fixed, t, config, dp_rank, dp_size))
             should_stop = _agree(stop["flag"])
             if save_root is not None and (should_stop or it == iters or (t.save_interval and it % t.save_interval == 0)):
@@ -303,6 +337,18 @@ def train_loop(job, hf, dtype, tokenizer, train_ds, val_ds, save_root: Path | No
                 break
     finally:
         logger.close()
+        if gc_every is not None:
+            gc.enable()
+
+
+def _manual_gc(megatron) -> int | None:
+    """--manual_gc: Python's collector off while training (its pauses differ per rank and stall
+    collectives), run every --manual_gc_interval steps instead. Returns the interval (0: never)."""
+    if not megatron.manual_gc:
+        return None
+    gc.disable()
+    gc.collect()
+    return megatron.manual_gc_interval
 
 
 def _prepared(batches: list, method, num_microbatches: int, config, fixed) -> list:

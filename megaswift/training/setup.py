@@ -10,6 +10,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megaswift.args.megatron import ArchArgs, MegatronArgs
 from megaswift.args.moe import MoEArgs
 from megaswift.args.parallel import ParallelArgs
 from megaswift.args.train import TrainArgs
@@ -18,7 +19,7 @@ from megaswift.model.config import transformer_config
 from megaswift.model.hf import HFModel
 from megaswift.logging_utils import log
 from megaswift.runtime.context import current as current_runtime
-from megaswift.runtime.context import moe_kernels
+from megaswift.runtime.context import kernel_fusions, moe_kernels, precision_aware_optimizer
 from megaswift.runtime.distributed import is_rank0
 
 
@@ -51,7 +52,8 @@ _noted: set[str] = set()
 
 
 def build_model(hf: HFModel, parallel: ParallelArgs, dtype: torch.dtype, train: TrainArgs,
-                fixed_shape: tuple[int, int] | None = None, moe: MoEArgs | None = None) -> tuple[list, object]:
+                fixed_shape: tuple[int, int] | None = None, moe: MoEArgs | None = None,
+                megatron: MegatronArgs | None = None, arch: ArchArgs | None = None) -> tuple[list, object]:
     """This rank's (unwrapped) model chunks and their TransformerConfig.
 
     `fixed_shape` (seq_length, micro_batch_size) when every micro-batch has one shape; otherwise
@@ -69,19 +71,26 @@ def build_model(hf: HFModel, parallel: ParallelArgs, dtype: torch.dtype, train: 
     # megatron-core 0.16 checks its dispatcher against variable sequence lengths on dense models
     # too, and its default (allgather) is refused there
     moe_fields.setdefault("moe_token_dispatcher_type", "alltoall")
+    megatron, arch = megatron or MegatronArgs(), arch or ArchArgs()
+    fusions, fusion_notes = kernel_fusions(megatron, current_runtime())
+    notes += fusion_notes
+    overrides = {
+        "perform_initialization": False,   # weights always come from an HF or MCore checkpoint
+        "calculate_per_token_loss": train.calculate_per_token_loss,
+        "variable_seq_lengths": fixed_shape is None,  # padding-free batches differ in length
+        **moe_fields,
+        "attention_dropout": arch.attention_dropout, "hidden_dropout": arch.hidden_dropout,
+        "deterministic_mode": megatron.deterministic_mode,
+        "attention_softmax_in_fp32": megatron.attention_softmax_in_fp32,
+        **fusions, **recompute, **megatron.extra_config(),
+    }
     for note in notes:
         if note not in _noted and is_rank0():
             log(note)
         _noted.add(note)
-    config = transformer_config(
-        hf.config, hf.family, parallel.sizes(), dtype,
-        perform_initialization=False,   # weights always come from an HF or MCore checkpoint
-        calculate_per_token_loss=train.calculate_per_token_loss,
-        variable_seq_lengths=fixed_shape is None,  # padding-free batches differ in length
-        **moe_fields,
-        attention_dropout=0.0,
-        **recompute,
-    )
+    config = transformer_config(hf.config, hf.family, parallel.sizes(), dtype, **overrides)
+    if megatron.deterministic_mode:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     tensor_parallel.model_parallel_cuda_manual_seed(train.seed)
     vpp = parallel.virtual_pipeline_model_parallel_size
     stages = range(vpp) if vpp else [None]
@@ -90,7 +99,8 @@ def build_model(hf: HFModel, parallel: ParallelArgs, dtype: torch.dtype, train: 
     return chunks, config
 
 
-def wrap_and_optimize(chunks: list, config, train: TrainArgs, train_iters: int) -> tuple[list, object, OptimizerParamScheduler]:
+def wrap_and_optimize(chunks: list, config, train: TrainArgs, train_iters: int,
+                      megatron: MegatronArgs | None = None) -> tuple[list, object, OptimizerParamScheduler]:
     """DDP-wrap the chunks, build megatron's optimizer and LR schedule, wire the grad hooks."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -104,13 +114,15 @@ def wrap_and_optimize(chunks: list, config, train: TrainArgs, train_iters: int) 
     opt_config = OptimizerConfig(
         optimizer=train.optimizer, lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
         adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, adam_eps=train.adam_eps,
+        sgd_momentum=train.sgd_momentum,
         clip_grad=train.clip_grad, bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
         use_distributed_optimizer=train.use_distributed_optimizer,
         optimizer_cpu_offload=train.optimizer_cpu_offload,
         optimizer_offload_fraction=train.optimizer_offload_fraction if train.optimizer_cpu_offload else 0.0,
         # megatron's hybrid CPU/GPU optimizer keeps fp32 master copies itself
-        use_precision_aware_optimizer=train.optimizer_cpu_offload,
         overlap_param_gather_with_optimizer_step=False,
+        **{"use_precision_aware_optimizer": train.optimizer_cpu_offload,
+           **precision_aware_optimizer(megatron or MegatronArgs(), current_runtime())},
     )
     optimizer = get_megatron_optimizer(opt_config, model)
     decay_iters = train.lr_decay_iters or train_iters
@@ -121,7 +133,7 @@ def wrap_and_optimize(chunks: list, config, train: TrainArgs, train_iters: int) 
         optimizer, init_lr=0.0 if warmup else train.lr, max_lr=train.lr, min_lr=train.min_lr,
         lr_warmup_steps=warmup, lr_decay_steps=decay_iters, lr_decay_style=train.lr_decay_style,
         start_wd=train.weight_decay, end_wd=train.weight_decay, wd_incr_steps=decay_iters,
-        wd_incr_style="constant")
+        wd_incr_style="constant", wsd_decay_steps=train.lr_wsd_decay_iters, lr_wsd_decay_style=train.lr_wsd_decay_style)
     # Without these hooks gradients are never reduced across data-parallel ranks.
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss

@@ -18,6 +18,7 @@ import signal
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from megaswift.args.job import Job
@@ -26,8 +27,9 @@ from megaswift.args.train import TrainArgs
 from megaswift.checkpointing import ARGS, HF_CONFIG, TRACKER, CheckpointRecord, resolve
 from megaswift.converters.hf_io import CheckpointError, HFReader, copy_side_files
 from megaswift.logging_utils import log
-from megaswift.model.config import check_layout, check_sliding_window
+from megaswift.model.config import check_arch, check_layout, check_sliding_window, transformer_config
 from megaswift.model.source import resolve_source
+from megaswift.runtime.context import precision_aware_optimizer
 from megaswift.runtime.context import resolve as resolve_runtime
 from megaswift.runtime.distributed import barrier, destroy_distributed, init_distributed, is_rank0
 from megaswift.runtime.save_dir import check_save
@@ -169,17 +171,37 @@ def _stop_on_signals():
 _SHAPE_MISMATCH = re.compile(r"shape mismatch for loaded \((.+?)\) and expected \((.+?)\) tensor for key (\S+)")
 
 
-def _foreign_checkpoint(job: Job, error: BaseException) -> CheckpointError | None:
+def _foreign_checkpoint(job: Job, error: BaseException, config_dir: Path | None = None) -> CheckpointError | None:
     """megatron-core's shape-mismatch traceback, as one line: the weights under --load are not
-    the model its args.json / hf_config describe."""
+    the model the config.json in `config_dir` (--model's, the checkpoint's hf_config/ or the HF
+    folder its ms-swift args.json names) describes."""
     m = _SHAPE_MISMATCH.search(str(error))
     if not (m and job.model.load):
         return None
     loaded, expected = (tuple(int(n) for n in re.findall(r"\d+", g)) for g in m.group(1, 2))
+    where = f"--model {job.model.model}" if job.model.model else (
+        f"{config_dir}/config.json" if config_dir is not None else f"its {ARGS} and {HF_CONFIG}/")
     return CheckpointError(
         f"--load {job.model.load}: {m.group(3)} is {loaded} in the checkpoint but {expected} in the model "
-        f"its {ARGS} and {HF_CONFIG}/ describe: the checkpoint belongs to another model; --load a "
-        f"checkpoint of this model, or give that checkpoint back its own {ARGS} and {HF_CONFIG}/")
+        f"{where} describes: the checkpoint belongs to another model; pass the HF model it was made from as "
+        f"--model <hf dir>, or --load a checkpoint of this model")
+
+
+def _runtime(job: Job):
+    """The machine's runtime for the job's flags; a backend the machine cannot serve is replaced
+    (nccl needs CUDA tensors, and CUDA tensors are megatron's on GPUs), with one line."""
+    runtime = resolve_runtime(job.runtime.transformer_impl, job.runtime.attention_backend)
+    asked = job.swift.ddp_backend if "ddp_backend" in explicit(job.swift) else (
+        job.megatron.distributed_backend if "distributed_backend" in explicit(job.megatron) else None)
+    if asked and asked != runtime.backend:
+        log(f"--{'ddp_backend' if job.swift.ddp_backend else 'distributed_backend'} {asked}: "
+            f"{'no CUDA here' if not runtime.cuda else 'megatron keeps its tensors on the GPU'}; using {runtime.backend}")
+    return runtime
+
+
+def _timeout_minutes(job: Job) -> int:
+    """--distributed_timeout_minutes and ms-swift's --ddp_timeout (seconds): the smaller applies."""
+    return max(1, min(job.megatron.distributed_timeout_minutes, -(-job.swift.ddp_timeout // 60)))
 
 
 def train(job: Job) -> int:
@@ -189,17 +211,29 @@ def train(job: Job) -> int:
     _check_save(job)
     source = resolve_source(job.model.model, job.model.load, job.model.trust_remote_code)
     src, hf_config = source.dir, source.hf_config
+    if job.model.load and not job.model.model and src != Path(job.model.load).expanduser() / HF_CONFIG:
+        log(f"--load {job.model.load} has no {HF_CONFIG}/ (a Megatron-SWIFT checkpoint): config.json and "
+            f"tokenizer from {src}")
     _check_adapters(job, source)
     hf = source.model(job.model.make_vocab_size_divisible_by, job.parallel.tensor_model_parallel_size)
     check_layout(job.parallel, hf_config, hf.family, job.moe, training=True)
+    check_arch(job.arch, transformer_config(hf_config, hf.family, job.parallel.sizes(), torch.float32,
+                                            **job.moe.config_fields(hf.family.config_fields(hf_config))),
+               hf_config, hf.dims.padded_vocab_size)
     if not source.is_checkpoint:
         HFReader(src).close()  # reads the safetensors headers: a truncated or corrupt file fails here
     dtype = source.dtype(job.model.torch_dtype, bf16=job.model.bf16, fp16=job.model.fp16)
     tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=job.model.trust_remote_code)
+    longest = getattr(hf_config, "max_position_embeddings", None)
+    if job.data.max_length is None and longest:  # Megatron-SWIFT's default
+        job.data.max_length = int(longest)
+        log(f"--max_length {longest}: the model's max_position_embeddings (pass --max_length to change it)")
     budget = job.data.resolved_packing_length if job.data.packing else job.data.max_length
     job.parallel.validate_sequence_budget(budget)
     check_sliding_window(hf_config, budget)
-    init_distributed(job.parallel, resolve_runtime(job.runtime.transformer_impl, job.runtime.attention_backend))
+    runtime = _runtime(job)
+    precision_aware_optimizer(job.megatron, runtime)   # refused before any work where it cannot run
+    init_distributed(job.parallel, runtime, timeout_minutes=_timeout_minutes(job))
     try:
         _check_optimizer(job)
         from megaswift.training.loop import train_loop
@@ -218,7 +252,7 @@ def train(job: Job) -> int:
         except BaseException as e:
             if save_root is not None and is_rank0():
                 _discard_if_empty(save_root, made)
-            foreign = _foreign_checkpoint(job, e)  # torch's CheckpointException is a BaseException
+            foreign = _foreign_checkpoint(job, e, src)  # torch's CheckpointException is a BaseException
             if foreign is not None:
                 raise foreign from None
             raise
