@@ -18,6 +18,14 @@ from tiny_models import FAMILIES, make_tiny_model  # noqa: E402,F401  (FAMILIES 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def tiered(ids, slow) -> list:
+    """Parameter ids for a layout/option matrix: those in ``slow`` are marked `slow` (run by
+    ``bash scripts/test.sh --full``); the rest, one representative per parallelism dimension, run in CI."""
+    unknown = set(slow) - set(ids)
+    assert not unknown, f"slow ids not in the matrix: {unknown}"
+    return [pytest.param(i, marks=pytest.mark.slow) if i in slow else i for i in ids]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     cache: dict[str, Path] = {}

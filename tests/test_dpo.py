@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import logged, make_tiny_model, ok, run_cli, run_megatron
+from conftest import logged, make_tiny_model, ok, run_cli, run_megatron, tiered
 from test_lora import LAYOUTS  # the layouts the issues name: TP=2+SP, PP=2, CP=2, DP=2 with the distributed optimizer
 
 ITERS = 4
@@ -104,7 +104,7 @@ def dpo_reference(model_dir, pairs, ref_mcore, tmp_path_factory):
     return {k: logged(save, k) for k in (*FIGURES, "grad_norm")}
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", tiered(sorted(LAYOUTS), {"pp2", "cp2", "dp2_distopt"}))
 def test_dpo_loss_parity_with_one_process(layout, dpo_reference, model_dir, pairs, ref_mcore, tmp_path):
     nproc, flags = LAYOUTS[layout]
     save = tmp_path / "run"

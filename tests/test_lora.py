@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import logged, ok, run_cli, run_megatron
+from conftest import logged, ok, run_cli, run_megatron, tiered
 from megaswift.args.parallel import ParallelArgs
 from megaswift.args.train import TrainArgs
 from megaswift.args.tuner import TunerArgs
@@ -128,7 +128,7 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", tiered(sorted(LAYOUTS), {"pp2", "cp2", "dp2_distopt"}))
 def test_lora_loss_parity_with_one_process(layout, lora_reference, model_dir, dataset, tmp_path):
     nproc, flags = LAYOUTS[layout]
     save = tmp_path / "run"

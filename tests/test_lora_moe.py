@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import logged, make_tiny_model, run_cli, run_megatron
+from conftest import logged, make_tiny_model, run_cli, run_megatron, tiered
 from test_dpo import FIGURES, pairs  # noqa: F401  (pairs: 32 short preference rows, a fixture)
 
 ITERS = 5
@@ -70,7 +70,7 @@ def _assert_parity(got, want, keys=KEYS):
             assert abs(got[key][it] - w) <= RTOL * abs(w), f"{key} at iteration {it}: {got[key][it]} vs {w}"
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", tiered(sorted(LAYOUTS), {"tp2_ep2_sp"}))
 def test_lora_moe_loss_parity_with_one_process(layout, moe_model, dataset, reference, tmp_path):
     """Losses, gradient norms and the trainable-parameter count equal the single-process run's."""
     want, ref_save = reference
@@ -157,6 +157,7 @@ def _logits(model, ids):
         return model(ids).logits
 
 
+@pytest.mark.slow
 def test_mixtral_peft_export_at_ep2_loads_in_peft_and_equals_the_merged_export(dataset, tmp_path):
     """A Mixtral LoRA run trained at EP=2, exported at EP=2 as PEFT and merged: transformers + peft
     load the per-expert adapter (fusing it into transformers' 3-D experts) with the logits of the
@@ -205,6 +206,7 @@ def test_all_router_is_refused_before_any_work(moe_model, dataset, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_lora_dpo_at_ep2_equals_one_process(moe_model, pairs, tmp_path):  # noqa: F811
     """LoRA DPO (the reference: the policy with its adapters off) on qwen2_moe at EP=2: losses,
     rewards, log-probs and gradient norms equal the single-process run's."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import (assert_bitwise_equal, logged, make_tiny_model, ok, precision_figures, read_safetensors_dir,
-                      run_cli, run_megatron)
+                      run_cli, run_megatron, tiered)
 from test_training import _kill_after_checkpoint
 
 MOE = ["qwen3_moe", "qwen2_moe", "mixtral"]
@@ -137,7 +137,7 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", tiered(sorted(LAYOUTS), {"ep2_dp2_ddp", "pp2_ep2", "ep2_recompute", "cp2_ep2", "pp2_uneven"}))
 def test_loss_parity_with_one_process(layout, moe_model, dataset, reference, tmp_path):
     """Losses, gradient norms, router losses and expert load equal the single-process run's."""
     nproc, flags = LAYOUTS[layout]
@@ -154,8 +154,8 @@ def test_loss_parity_with_one_process(layout, moe_model, dataset, reference, tmp
 
 @pytest.mark.parametrize("flags", [
     ["--moe_expert_capacity_factor", "1.0", "--moe_token_drop_policy", "probs"],
-    ["--moe_expert_capacity_factor", "1.0", "--moe_token_drop_policy", "position"],
-    ["--moe_token_dispatcher_type", "allgather"],  # pads micro-batches to --max_length: its own reference
+    pytest.param(["--moe_expert_capacity_factor", "1.0", "--moe_token_drop_policy", "position"], marks=pytest.mark.slow),
+    pytest.param(["--moe_token_dispatcher_type", "allgather"], marks=pytest.mark.slow),  # pads micro-batches to --max_length: its own reference
 ], ids=["capacity1_probs", "capacity1_position", "allgather"])
 def test_ep2_equals_its_own_single_process_run(flags, moe_model, dataset, reference, tmp_path):
     """Capacity factor 1.0 drops tokens the same at EP=2 as in one process, with either drop
@@ -168,6 +168,7 @@ def test_ep2_equals_its_own_single_process_run(flags, moe_model, dataset, refere
         assert one["grad_norm"] != reference[0]["grad_norm"]
 
 
+@pytest.mark.slow
 def test_resume_with_expert_bias_equals_uninterrupted(dataset, tmp_path_factory, tmp_path):
     """Sigmoid routing with DeepSeek-V3's expert bias at EP=2: SIGKILL after iteration 3, resume;
     iterations 4-6 equal the uninterrupted run (the bias is saved and restored)."""

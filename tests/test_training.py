@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import logged, ok, precision_figures, run_cli, run_megatron
+from conftest import logged, ok, precision_figures, run_cli, run_megatron, tiered
 from megaswift.assets import fetch_llamafactory_data
 
 ITERS = 5
@@ -84,7 +84,8 @@ LAYOUTS = {
                                 "--overlap_param_gather", "true"]),
     "recompute_full": (1, ["--recompute_granularity", "full", "--recompute_method", "uniform",
                            "--recompute_num_layers", "1"]),
-    "recompute_selective": (1, ["--recompute_granularity", "selective"]),
+    # the reference recomputes core attention (Megatron-SWIFT's default, selective): the same numbers without
+    "recompute_none": (1, ["--recompute_granularity", "none"]),
     "padded_batches": (1, ["--padding_free", "false"]),
     "tp2_pp2": (4, ["--tensor_model_parallel_size", "2", "--pipeline_model_parallel_size", "2",
                     "--sequence_parallel", "true"]),
@@ -95,7 +96,8 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", tiered(sorted(LAYOUTS), {"tp2", "pp2_uneven", "pp2_vpp2", "dp2_distopt_overlap", "recompute_none",
+                                                            "tp2_pp2", "cp2_padded", "cp2_tp2_sp"}))
 def test_loss_parity_with_one_process(layout, reference, model_dir, dataset, tmp_path):
     nproc, flags = LAYOUTS[layout]
     _ok(run_megatron(_sft_args(model_dir, dataset, tmp_path / "run", ITERS, *flags), nproc=nproc, timeout=600))
@@ -112,7 +114,7 @@ def test_loss_parity_with_one_process(layout, reference, model_dir, dataset, tmp
 @pytest.mark.parametrize("nproc,flags", [
     (2, ["--tensor_model_parallel_size", "2", "--sequence_parallel", "true"]),
     (2, ["--pipeline_model_parallel_size", "2"]),
-    (2, []),  # data parallel
+    pytest.param(2, [], marks=pytest.mark.slow),  # data parallel
 ], ids=["tp2_sp", "pp2", "dp2"])
 def test_sgd_with_active_clipping_matches_one_process(nproc, flags, sgd_reference, model_dir, dataset, tmp_path):
     _ok(run_megatron(_sft_args(model_dir, dataset, tmp_path / "run", ITERS, *SGD, *flags), nproc=nproc, timeout=600))
@@ -184,9 +186,9 @@ def _kill_after_checkpoint(args, save: Path, at: int, nproc: int) -> None:
 
 
 @pytest.mark.parametrize("nproc,flags", [
-    (1, []),
+    pytest.param(1, [], marks=pytest.mark.slow),
     (2, ["--use_distributed_optimizer", "true"]),
-    (2, ["--optimizer", "sgd", "--context_parallel_size", "2"]),  # SGD momentum state; CP ranks
+    pytest.param(2, ["--optimizer", "sgd", "--context_parallel_size", "2"], marks=pytest.mark.slow),  # SGD momentum; CP
 ], ids=["single", "dp2_distopt", "sgd_cp2"])
 def test_resume_after_sigkill_equals_uninterrupted(nproc, flags, model_dir, dataset, tmp_path):
     full = tmp_path / "full"
