@@ -18,6 +18,14 @@ from tiny_models import FAMILIES, make_tiny_model  # noqa: E402,F401  (FAMILIES 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def data_args(**kw):
+    """DataArgs for the data-pipeline tests: no validation rows held out unless asked for (the flag's
+    default, Megatron-SWIFT's 0.01, would take one row of each small test file)."""
+    from megaswift.args.data import DataArgs
+
+    return DataArgs(**{"split_dataset_ratio": 0.0, **kw})
+
+
 def tiered(ids, slow) -> list:
     """Parameter ids for a layout/option matrix: those in ``slow`` are marked `slow` (run by
     ``bash scripts/test.sh --full``); the rest, one representative per parallelism dimension, run in CI."""

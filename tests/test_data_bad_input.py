@@ -15,7 +15,7 @@ from conftest import run_megatron
 def _sft(model_dir, dataset, save, *extra):
     return run_megatron(["sft", "--model", str(model_dir), "--dataset", str(dataset), "--save", str(save),
                          "--train_iters", "1", "--global_batch_size", "2", "--micro_batch_size", "1",
-                         "--add_version", "false", *extra])
+                         "--add_version", "false", "--split_dataset_ratio", "0", *extra])
 
 
 def _error_line(proc, save) -> str:

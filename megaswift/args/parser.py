@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import sys
 import typing
 from typing import Any, Union, get_args, get_origin
 

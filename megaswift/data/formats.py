@@ -23,6 +23,13 @@ assistant turn) + ``rejected_response`` (or + ``rejected_messages``); LLaMA-Fact
 or message lists) and its implicit-prompt form (``chosen``/``rejected`` full conversations);
 ``chosen_messages``/``rejected_messages`` (LLaMA-Factory v1). Where the rejected side is a full
 conversation, everything before its last message must equal the chosen side's ("prompt mismatch").
+
+Self-cognition rows (ms-swift's ``swift/self-cognition`` and any row like it) hold ``{{NAME}}`` and
+``{{AUTHOR}}`` placeholders in their text and a ``tag`` column ``zh`` or ``en``. As ms-swift's
+SelfCognitionPreprocessor, normalisation fills them from ``--model_name`` / ``--model_author``
+(:class:`SelfCognition`): the first value in ``zh`` rows, the second in the others (rows without a
+``tag`` too); a single value serves both. A row with a placeholder whose flag is not given is a
+:class:`PlaceholderError` naming the flag and the file, whatever ``--strict`` says.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import json
 import logging
 from pathlib import Path
 from collections import Counter
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import datasets
 import pyarrow.compute as pc
@@ -75,6 +82,58 @@ class RowError(ValueError):
             where += f" (line {self.line})" if self.row is not None else f" line {self.line}"
         msg = f"{where.strip()}: {self.reason}" if where.strip() else self.reason
         return msg + (f" ({self.detail})" if self.detail else "")
+
+
+class PlaceholderError(ValueError):
+    """A self-cognition placeholder without the ``--model_name``/``--model_author`` value to fill it."""
+
+
+_PLACEHOLDERS = {"{{NAME}}": "model_name", "{{AUTHOR}}": "model_author"}
+
+
+class SelfCognition:
+    """``--model_name`` / ``--model_author`` (each: no value, one for both languages, or Chinese and
+    English) filling the ``{{NAME}}`` / ``{{AUTHOR}}`` placeholders of normalised rows."""
+
+    def __init__(self, model_name: Sequence[str] = (), model_author: Sequence[str] = ()):
+        self.values = {"{{NAME}}": _zh_en(model_name), "{{AUTHOR}}": _zh_en(model_author)}
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in self.values.values())
+
+    def fill(self, messages: list[dict], rejected: Optional[str], tag: Any,
+             where: Optional[str] = None) -> tuple[list[dict], Optional[str]]:
+        """``messages`` and ``rejected`` with the placeholders replaced (for ``tag``'s language);
+        ``where`` (file and row) names the row in a PlaceholderError."""
+        texts = [m["content"] for m in messages] + ([rejected] if rejected is not None else [])
+        present = [p for p in _PLACEHOLDERS if any(p in t for t in texts)]
+        if not present:
+            return messages, rejected
+        missing = [_PLACEHOLDERS[p] for p in present if self.values[p] is None]
+        if missing:
+            flags = " and ".join(f"--{m}" for m in missing)
+            raise PlaceholderError(
+                f"{where or 'a dataset row'} has self-cognition placeholders {' and '.join(present)}: "
+                f"pass {flags} (e.g. --model_name 小黄 'Xiao Huang' --model_author 魔搭 ModelScope) to fill them")
+        lang = 0 if tag == "zh" else 1
+
+        def sub(text: str) -> str:
+            for p in present:
+                text = text.replace(p, self.values[p][lang])
+            return text
+
+        messages = [{**m, "content": sub(m["content"])} for m in messages]
+        return messages, (sub(rejected) if rejected is not None else None)
+
+
+def _zh_en(values: Union[str, Sequence[str], None]) -> Optional[tuple[str, str]]:
+    """(Chinese, English) from a flag's values; one value serves both (ms-swift)."""
+    if not values:
+        return None
+    values = [values] if isinstance(values, str) else list(values)
+    if len(values) > 2:
+        raise ValueError(f"self-cognition names take one or two values (Chinese, English), got {values}")
+    return values[0], values[-1]
 
 
 def _has(row: dict, key: str) -> bool:
@@ -300,14 +359,19 @@ def _decode(row: dict) -> dict:
     return obj
 
 
-def normalize(row: dict) -> dict:
-    """Normalise one raw row to the canonical form; raise RowError (naming source/row) if bad."""
+def normalize(row: dict, self_cognition: Optional[SelfCognition] = None) -> dict:
+    """Normalise one raw row to the canonical form; raise RowError (naming source/row) if bad.
+
+    ``{{NAME}}``/``{{AUTHOR}}`` placeholders are filled by ``self_cognition`` (by the row's ``tag``);
+    a placeholder it has no value for raises PlaceholderError naming the flag and the file."""
     source, index, line = row.get("__source__"), row.get("__row__"), row.get("__line__")
     try:
         if row.get("__error__") is not None:  # a row the loader could not parse (sources.py)
             raise RowError(*json.loads(row["__error__"]))
         data = _decode(row) if row.get("__json__") is not None else row
         messages, rejected = _build(data)
+        where = f"{source} row {index}" if index is not None else source
+        messages, rejected = (self_cognition or _NO_SELF_COGNITION).fill(messages, rejected, data.get("tag"), where)
         if not any(m["role"] == "assistant" for m in messages):
             raise RowError("no assistant turn")
         if messages[-1]["role"] != "assistant":
@@ -327,10 +391,14 @@ def normalize(row: dict) -> dict:
             "__source__": source, "__row__": index}
 
 
-def _normalize_flagged(row: dict, code_version: str = _CODE_VERSION) -> dict:
+_NO_SELF_COGNITION = SelfCognition()
+
+
+def _normalize_flagged(row: dict, code_version: str = _CODE_VERSION,
+                       self_cognition: Optional[SelfCognition] = None) -> dict:
     """Map function: the canonical row plus __reason__/__detail__ (None when the row is good)."""
     try:
-        return {**normalize(row), "__reason__": None, "__detail__": None}
+        return {**normalize(row, self_cognition), "__reason__": None, "__detail__": None}
     except RowError as e:
         detail = json.dumps([e.detail, e.line])
         return {"messages": [], "rejected_response": None, "tools": None, "__source__": row.get("__source__"),
@@ -374,8 +442,10 @@ def _summarize(counts_by_source: dict[str, Counter]) -> None:
 
 
 def normalize_dataset(ds: AnyDataset, *, strict: bool, num_proc: int = 1,
-                      counts: Optional[Counter] = None) -> tuple[AnyDataset, Counter]:
-    """Normalise every row of ``ds`` (keeping only canonical columns).
+                      counts: Optional[Counter] = None,
+                      self_cognition: Optional[SelfCognition] = None) -> tuple[AnyDataset, Counter]:
+    """Normalise every row of ``ds`` (keeping only canonical columns), filling self-cognition
+    placeholders with ``self_cognition`` (a placeholder without a value: PlaceholderError).
 
     strict=True: the first bad row (lowest index) raises RowError naming its file and row.
     strict=False: bad rows are dropped; returns the Counter of dropped rows by reason and logs
@@ -385,7 +455,7 @@ def normalize_dataset(ds: AnyDataset, *, strict: bool, num_proc: int = 1,
     """
     counts = Counter() if counts is None else counts
     if isinstance(ds, datasets.IterableDataset):
-        out = ds.map(_normalize_flagged, features=_FLAGGED_FEATURES)
+        out = ds.map(_normalize_flagged, features=_FLAGGED_FEATURES, fn_kwargs={"self_cognition": self_cognition})
         out = out.select_columns(list(_FLAGGED_FEATURES))
         out = out.map(_raise_flagged) if strict else out.filter(_StreamDropCounter(counts))
         return out.select_columns(list(CANONICAL_COLUMNS)), counts
@@ -393,7 +463,8 @@ def normalize_dataset(ds: AnyDataset, *, strict: bool, num_proc: int = 1,
         return datasets.Dataset.from_dict({c: [] for c in CANONICAL_COLUMNS}, features=CANONICAL_FEATURES), counts
     keep = {"__source__", "__row__"}
     out = ds.map(_normalize_flagged, remove_columns=[c for c in ds.column_names if c not in keep],
-                 features=_FLAGGED_FEATURES, fn_kwargs={"code_version": _CODE_VERSION},
+                 features=_FLAGGED_FEATURES,
+                 fn_kwargs={"code_version": _CODE_VERSION, "self_cognition": self_cognition},
                  num_proc=num_proc if num_proc > 1 and len(ds) > 1 else None, desc="normalising rows")
     table = out.data.table  # map() output has no indices mapping: rows in order
     bad = table.filter(pc.is_valid(table.column("__reason__")))

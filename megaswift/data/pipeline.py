@@ -28,7 +28,7 @@ import datasets
 import torch
 
 from megaswift.args.data import DataArgs
-from megaswift.data.formats import RowError
+from megaswift.data.formats import RowError, SelfCognition
 from megaswift.data.packing import efficiency, pack_rows, pack_stream
 from megaswift.data.sources import drop_summary, load_sources, split
 from megaswift.data.template import IGNORE_INDEX, Template
@@ -243,7 +243,8 @@ def build_datasets(data: DataArgs, tokenizer) -> tuple[Any, Any, DataStats]:
         data = dataclasses.replace(data, max_length=data.resolved_packing_length)
     stats, val_stats = DataStats(), DataStats()
     kw = dict(seed=data.data_seed, columns=data.column_map, streaming=data.streaming,
-              strict=data.strict, num_proc=data.dataset_num_proc, shuffle=data.dataset_shuffle)
+              strict=data.strict, num_proc=data.dataset_num_proc, shuffle=data.dataset_shuffle,
+              self_cognition=SelfCognition(data.model_name, data.model_author))
     train_rows, dropped = load_sources(data.dataset, **kw)
     val_dropped: Counter = Counter()
     if data.val_dataset:

@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from megaswift.args.data import DataArgs
-from megaswift.data.formats import RowError
+from megaswift.data.formats import RowError, SelfCognition
 from megaswift.data.packing import efficiency, pack_rows, pack_stream
 from megaswift.data.pipeline import (DataStats, LazyTokenized, PackedStream, _truncate, encode_dataset,
                                      finish_datasets)
@@ -258,7 +258,8 @@ def build_preference_datasets(data: DataArgs, tokenizer) -> tuple[Any, Any, Data
         data = dataclasses.replace(data, max_length=capacity)  # no sequence longer than a packed row
     stats, val_stats = DataStats(), DataStats()
     kw = dict(seed=data.data_seed, columns=data.column_map, streaming=data.streaming,
-              strict=data.strict, num_proc=data.dataset_num_proc, shuffle=data.dataset_shuffle)
+              strict=data.strict, num_proc=data.dataset_num_proc, shuffle=data.dataset_shuffle,
+              self_cognition=SelfCognition(data.model_name, data.model_author))
     train_rows, dropped = load_sources(data.dataset, **kw)
     val_rows, val_dropped = None, Counter()
     if data.val_dataset:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 import datasets
 import numpy as np
 
-from megaswift.data.formats import AnyDataset, RowError, normalize_dataset
+from megaswift.data.formats import AnyDataset, RowError, SelfCognition, normalize_dataset
 
 if TYPE_CHECKING:
     from megaswift.args.data import DataArgs
@@ -402,8 +402,12 @@ def load_source(spec: str, *, seed: int, columns: Optional[dict[str, str]] = Non
 
 def load_sources(specs: list[str], *, seed: int, columns: Optional[dict[str, str]] = None,
                  streaming: bool = False, strict: bool = False, num_proc: int = 1,
-                 shuffle: bool = True) -> tuple[AnyDataset, Counter]:
+                 shuffle: bool = True, self_cognition: Optional[SelfCognition] = None) -> tuple[AnyDataset, Counter]:
     """Load, normalise and combine several sources; returns (dataset, dropped-rows Counter).
+
+    ``self_cognition`` (``--model_name``/``--model_author``) fills the ``{{NAME}}``/``{{AUTHOR}}``
+    placeholders of rows by their ``tag`` column; a placeholder it has no value for is a
+    PlaceholderError naming the flag and the file (when normalised: now, or as a stream is read).
 
     Each source is normalised to the canonical form (strict: first bad row raises RowError;
     otherwise bad rows are dropped and counted), then ``#N``-sampled (so N counts usable rows,
@@ -420,7 +424,8 @@ def load_sources(specs: list[str], *, seed: int, columns: Optional[dict[str, str
         raw = _concat(parts)
         # streams count their dropped rows while they are read: into the shared Counter
         mine = counts if streaming else Counter()
-        normed = [normalize_dataset(p, strict=strict, num_proc=num_proc, counts=mine)[0]
+        normed = [normalize_dataset(p, strict=strict, num_proc=num_proc, counts=mine,
+                                    self_cognition=self_cognition)[0]
                   for p in ([raw] if raw is not None else parts)]
         ds = normed[0] if len(normed) == 1 else datasets.concatenate_datasets(normed)
         if not streaming:
@@ -452,7 +457,8 @@ def split(ds: AnyDataset, ratio: float, seed: int) -> tuple[AnyDataset, Optional
 def load_train_val(args: "DataArgs") -> tuple[AnyDataset, Optional[AnyDataset]]:
     """(train, val) canonical datasets for DataArgs: --dataset, --val_dataset or --split_dataset_ratio."""
     kw = dict(seed=args.data_seed, columns=args.column_map, streaming=args.streaming, strict=args.strict,
-              num_proc=args.dataset_num_proc, shuffle=args.dataset_shuffle)
+              num_proc=args.dataset_num_proc, shuffle=args.dataset_shuffle,
+              self_cognition=SelfCognition(args.model_name, args.model_author))
     train, _ = load_sources(args.dataset, **kw)
     if args.val_dataset:
         return train, load_sources(args.val_dataset, **kw)[0]

@@ -2,10 +2,23 @@
 ``--system`` and ``--loss_scale``).
 
 Every template is a Jinja chat template rendered by ``tokenizer.apply_chat_template``: the tokenizer's
-own (``--template`` unset) or a built-in one (:data:`BUILTIN_TEMPLATES`). So the text of a sample is
-exactly ``apply_chat_template(messages, tokenize=False)`` and its ids are exactly what
+own or a built-in one (:data:`BUILTIN_TEMPLATES`). So the text of a sample is exactly
+``apply_chat_template(messages, tokenize=False)`` and its ids are exactly what
 ``apply_chat_template(messages, tokenize=True)`` returns (the text tokenised once, with
 ``add_special_tokens=False``: templates write their own BOS).
+
+``--template`` takes ms-swift's template names:
+
+* unset: the tokenizer's own chat template (an error when it has none).
+* ``chatml`` and ``default``: always the built-in template of that name.
+* a model-family name (:data:`FAMILY_TEMPLATES`: ``qwen``, ``qwen2``, ``qwen2_5``, ``qwen2_5_math``,
+  ``qwq_preview``, ``qwq``, ``qwen3``, ``qwen3_thinking``, ``qwen3_nothinking``, ``llama3``,
+  ``llama3_1``, ``llama3_2``, ``llama3_3``): the tokenizer's own chat template when it has one (so
+  the rendering stays that of the model's chat template), else the family's built-in fallback
+  (ChatML with the family's ms-swift default system prompt for the Qwen names, ``llama3`` for the
+  Llama-3 names; ms-swift's ``<think>`` prefixes and Llama-3.2 date header are not reproduced by
+  the fallbacks). One info line on the ``megaswift.data`` logger says which was used.
+* anything else: an error listing the known names.
 
 Which tokens are trained (labels != -100), as in ms-swift:
 
@@ -27,7 +40,11 @@ Which tokens are trained (labels != -100), as in ms-swift:
 * A token is trained when its character span overlaps a trained assistant span.
 * ``loss_scale="default"``: every assistant span. ``"last_round"``: the spans of the assistant
   messages after the last user message (all of them when there is no user message). ``"all"``: every
-  token, labels == input_ids.
+  token, labels == input_ids. ``"ignore_empty_think"`` (ms-swift's ``<think>\\s*</think>\\s*``
+  weighted 0): as ``default``, but an empty think block at the start of an assistant span
+  (``<think>``, only whitespace, ``</think>`` and the whitespace after it, e.g. the
+  ``<think>\\n\\n</think>\\n\\n`` Qwen3's template writes before the last answer) is not trained;
+  a think block with reasoning in it is.
 """
 
 from __future__ import annotations
@@ -39,7 +56,7 @@ from typing import Any, Optional
 
 logger = logging.getLogger("megaswift.data")
 
-LOSS_SCALES = ("default", "last_round", "all")
+LOSS_SCALES = ("default", "last_round", "all", "ignore_empty_think")
 IGNORE_INDEX = -100
 
 _CHATML_BODY = (
@@ -49,13 +66,29 @@ _CHATML_BODY = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."
+# ms-swift's default system prompts of its qwen2_5, qwen2_5_math and qwq_preview templates.
+QWEN2_5_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN2_5_MATH_DEFAULT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+QWQ_PREVIEW_DEFAULT_SYSTEM = ("You are a helpful and harmless assistant. You are Qwen developed by Alibaba. "
+                              "You should think step-by-step.")
+
+
+def _chatml_with_default_system(system: str) -> str:
+    """ChatML that writes ``system`` as the system message when the conversation has none."""
+    quoted = system.replace("\\", "\\\\").replace("'", "\\'")
+    return ("{% if messages[0]['role'] != 'system' %}"
+            "{{ '<|im_start|>system\\n" + quoted + "<|im_end|>\\n' }}{% endif %}" + _CHATML_BODY)
+
 
 BUILTIN_TEMPLATES: dict[str, str] = {
     # <|im_start|>role\ncontent<|im_end|>\n per message.
     "chatml": _CHATML_BODY,
     # chatml plus ms-swift's qwen default system prompt when the conversation has none.
-    "qwen": ("{% if messages[0]['role'] != 'system' %}"
-             "{{ '<|im_start|>system\\n" + QWEN_DEFAULT_SYSTEM + "<|im_end|>\\n' }}{% endif %}" + _CHATML_BODY),
+    "qwen": _chatml_with_default_system(QWEN_DEFAULT_SYSTEM),
+    # the same with ms-swift's qwen2_5 / qwen2_5_math / qwq_preview default system prompts.
+    "qwen2_5": _chatml_with_default_system(QWEN2_5_DEFAULT_SYSTEM),
+    "qwen2_5_math": _chatml_with_default_system(QWEN2_5_MATH_DEFAULT_SYSTEM),
+    "qwq_preview": _chatml_with_default_system(QWQ_PREVIEW_DEFAULT_SYSTEM),
     # Llama-3: <|begin_of_text|> then <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>.
     "llama3": (
         "{{ '<|begin_of_text|>' }}{% for message in messages %}"
@@ -69,8 +102,24 @@ BUILTIN_TEMPLATES: dict[str, str] = {
                 "{% if not add_generation_prompt %}{{ eos_token }}{% endif %}"),
 }
 # Markup a built-in template writes, which should be single special tokens of the tokenizer.
-_BUILTIN_MARKUP = {"chatml": ("<|im_start|>", "<|im_end|>"), "qwen": ("<|im_start|>", "<|im_end|>"),
+_CHATML_MARKUP = ("<|im_start|>", "<|im_end|>")
+_BUILTIN_MARKUP = {"chatml": _CHATML_MARKUP, "qwen": _CHATML_MARKUP, "qwen2_5": _CHATML_MARKUP,
+                   "qwen2_5_math": _CHATML_MARKUP, "qwq_preview": _CHATML_MARKUP,
                    "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")}
+# ms-swift --template names of model families -> the built-in used when the tokenizer has no chat
+# template of its own (with one, the tokenizer's own is used). qwen2, llama3_1 and llama3_3 are
+# ms-swift model types (whose models use its qwen / llama3_2 templates), accepted as aliases.
+FAMILY_TEMPLATES: dict[str, str] = {
+    "qwen": "qwen", "qwen2": "qwen", "qwen2_5": "qwen2_5", "qwen2_5_math": "qwen2_5_math",
+    "qwq_preview": "qwq_preview", "qwq": "chatml", "qwen3": "chatml", "qwen3_thinking": "chatml",
+    "qwen3_nothinking": "chatml",
+    "llama3": "llama3", "llama3_1": "llama3", "llama3_2": "llama3", "llama3_3": "llama3",
+}
+# Names that always mean the built-in template.
+_PLAIN_BUILTINS = ("chatml", "default")
+KNOWN_TEMPLATES: tuple[str, ...] = (*_PLAIN_BUILTINS, *FAMILY_TEMPLATES)
+# ms-swift's ignore_empty_think loss scale: an empty think block (and the whitespace after it) weighs 0.
+_EMPTY_THINK_RE = re.compile(r"<think>\s*</think>\s*")
 
 
 class Template:
@@ -78,12 +127,16 @@ class Template:
 
     Args:
         tokenizer: a *fast* Hugging Face tokenizer (character offsets are needed).
-        name: ``None`` for the tokenizer's own ``chat_template``, else a built-in name
-            (:data:`BUILTIN_TEMPLATES`: chatml, qwen, llama3, default).
+        name: ``None`` for the tokenizer's own ``chat_template``, else an ms-swift template name
+            (:data:`KNOWN_TEMPLATES`): ``chatml``/``default`` are built-ins; a model-family name uses
+            the tokenizer's own chat template when it has one, else its built-in fallback
+            (:data:`FAMILY_TEMPLATES`; see the module docstring).
         system: system prompt replacing the row's system message (or inserted first when the row has
             none), and so also the template's default system prompt.
-        loss_scale: ``"default"``, ``"last_round"`` or ``"all"`` (see the module docstring).
+        loss_scale: ``"default"``, ``"last_round"``, ``"all"`` or ``"ignore_empty_think"`` (see the
+            module docstring).
 
+    ``builtin`` is the built-in template used (None for the tokenizer's own).
     A plain picklable object: ``dataset.map(template.encode_batch, batched=True, num_proc=N)`` works.
     """
 
@@ -97,29 +150,41 @@ class Template:
         self.name = name
         self.system = system
         self.loss_scale = loss_scale
+        has_own = bool(getattr(tokenizer, "chat_template", None))
         if name is None:
-            if not getattr(tokenizer, "chat_template", None):
+            if not has_own:
                 raise ValueError(f"the tokenizer has no chat template; pass --template "
-                                 f"({', '.join(BUILTIN_TEMPLATES)}) to choose a built-in one")
+                                 f"({', '.join(KNOWN_TEMPLATES)}) to choose a built-in one")
+            self.builtin: Optional[str] = None
+        elif name in _PLAIN_BUILTINS:
+            self.builtin = name
+        elif name in FAMILY_TEMPLATES:
+            self.builtin = None if has_own else FAMILY_TEMPLATES[name]
+            if has_own:
+                logger.info("--template %s: using the tokenizer's own chat template", name)
+            else:
+                logger.info("--template %s: the tokenizer has no chat template; using the built-in %s template",
+                            name, self.builtin)
+        else:
+            raise ValueError(f"unknown --template {name!r}; known: {', '.join(KNOWN_TEMPLATES)} "
+                             "(or leave it unset to use the tokenizer's own chat template)")
+        if self.builtin is None:
             self.chat_template: str = tokenizer.get_chat_template()
-        elif name in BUILTIN_TEMPLATES:
-            self.chat_template = BUILTIN_TEMPLATES[name]
-            if name == "default":
+        else:
+            self.chat_template = BUILTIN_TEMPLATES[self.builtin]
+            if self.builtin == "default":
                 if tokenizer.eos_token is None:
                     raise ValueError("--template default ends every sample with the EOS token, "
                                      "but the tokenizer has none")
                 if _adds_bos(tokenizer):
                     self.chat_template = "{{ bos_token }}" + self.chat_template
-        else:
-            raise ValueError(f"unknown --template {name!r}; known: {', '.join(BUILTIN_TEMPLATES)} "
-                             "(or leave it unset to use the tokenizer's own chat template)")
         specials = {t for t in tokenizer.all_special_tokens if t}
         specials |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content}
-        missing = [t for t in _BUILTIN_MARKUP.get(name or "", ()) if t not in specials]
+        missing = [t for t in _BUILTIN_MARKUP.get(self.builtin or "", ()) if t not in specials]
         if missing:
             logger.warning("--template %s writes %s, which this tokenizer does not have as special tokens: "
                            "they will be tokenised as plain text; is --template right for this model?",
-                           name, " ".join(missing))
+                           self.builtin, " ".join(missing))
         alternatives = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))
         self._special_re = re.compile(f"(?:{alternatives})") if specials else None
         self._marker_re = re.compile(f"[ \\t]*(?:{alternatives})") if specials else None
@@ -232,6 +297,9 @@ class Template:
             if prompt_end is not None and not (self._special_re and self._special_re.search(text, prompt_end, pos)):
                 start = prompt_end
             end = pos + len(rendered)
+            if self.loss_scale == "ignore_empty_think":
+                empty_think = _EMPTY_THINK_RE.match(text, start, end)
+                start = empty_think.end() if empty_think else start
             marker = self._marker_re.match(text, end) if self._marker_re else None
             end = marker.end() if marker else end
             spans.append((start, end))

@@ -225,14 +225,16 @@ def train(job: Job) -> int:
     dtype = source.dtype(job.model.torch_dtype, bf16=job.model.bf16, fp16=job.model.fp16)
     tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=job.model.trust_remote_code)
     longest = getattr(hf_config, "max_position_embeddings", None)
-    if job.data.max_length is None and longest:  # Megatron-SWIFT's default
+    default_length = job.data.max_length is None and longest
+    if default_length:  # Megatron-SWIFT's default
         job.data.max_length = int(longest)
-        log(f"--max_length {longest}: the model's max_position_embeddings (pass --max_length to change it)")
     budget = job.data.resolved_packing_length if job.data.packing else job.data.max_length
     job.parallel.validate_sequence_budget(budget)
     check_sliding_window(hf_config, budget)
     runtime = _runtime(job)
     precision_aware_optimizer(job.megatron, runtime)   # refused before any work where it cannot run
+    if default_length:
+        log(f"--max_length {longest}: the model's max_position_embeddings (pass --max_length to change it)")
     init_distributed(job.parallel, runtime, timeout_minutes=_timeout_minutes(job))
     try:
         _check_optimizer(job)
