@@ -257,7 +257,7 @@ def test_export_of_megatron_swift_directory_round_trips_bitwise(swift_dir, hf, t
     assert_bitwise_equal(read_safetensors_dir(hf), read_safetensors_dir(tmp_path / "hf"))
 
 
-def test_megatron_swift_directory_without_config_names_model(swift_dir, dataset, tmp_path):
+def test_megatron_swift_directory_without_config_names_model(swift_dir, hf, dataset, tmp_path):
     lost = tmp_path / "lost"
     shutil.copytree(swift_dir, lost)
     args = json.loads((lost / "args.json").read_text())
@@ -272,6 +272,9 @@ def test_megatron_swift_directory_without_config_names_model(swift_dir, dataset,
         assert proc.returncode != 0 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert "--model <hf dir>" in errors[0] and named in errors[0], errors[0]
         assert not (tmp_path / "run").exists()
+    # with --model naming the HF folder, such a directory exports (its weights, --model's config and tokenizer)
+    ok(run_megatron(["export", "--load", str(lost), "--model", str(hf), "--to_hf", "true", "--save", str(tmp_path / "hf")]))
+    assert_bitwise_equal(read_safetensors_dir(hf), read_safetensors_dir(tmp_path / "hf"))
 
 
 # -- --model X --load Y: config from X, weights (and a run's state) from Y ---------------------

@@ -11,7 +11,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 @dataclass(kw_only=True)
 class ExportArgs:
     """Conversion between HF folders and megatron-core distributed checkpoints."""
-    model: Optional[str] = field(default=None, metadata={"help": "HF model: a local directory (or hub id, needs network)."})
+    model: Optional[str] = field(default=None, metadata={"help": "HF model: a local directory (or hub id, needs network). With --to_hf: where config.json and the tokenizer come from (default: the checkpoint's)."})
     load: Optional[str] = field(default=None, metadata={"help": "MCore checkpoint directory to read (for --to_hf).", "aliases": ("mcore_model",)})
     save: str = field(default="", metadata={"help": "Output directory, not existing yet (default: <model>-mcore for --to_mcore, <load>-hf for --to_hf, as ms-swift).", "aliases": ("output_dir",)})
     to_mcore: bool = field(default=False, metadata={"help": "Convert --model to an MCore torch_dist checkpoint."})

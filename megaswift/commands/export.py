@@ -56,7 +56,9 @@ def run(argv: list[str]) -> int:
         return _import_peft(args, parallel, runtime, out)
     if args.adapter_load:
         return _export_lora(args, parallel, runtime, out)
-    source = resolve_source(args.model if args.to_mcore else None, args.load, args.trust_remote_code)
+    # --to_hf --load Y [--model X]: Y's weights; config.json and tokenizer from X when given (a Megatron-SWIFT
+    # checkpoint whose args.json names a model that is not here), else from the checkpoint
+    source = resolve_source(args.model, None if args.to_mcore else args.load, args.trust_remote_code)
     hf_config = source.hf_config
     _check_layout(parallel, hf_config)
     model = source.model(args.make_vocab_size_divisible_by, parallel.tensor_model_parallel_size)
