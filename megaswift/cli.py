@@ -12,9 +12,11 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 
 COMMANDS = {
@@ -25,7 +27,40 @@ COMMANDS = {
 }
 
 
-def _launch_torchrun(argv: list[str]) -> int:
+_ERROR = re.compile(rb"^megatron \w+: error: ")
+# what the other ranks say when one rank stopped on an error: the peer went away mid-collective
+_ECHOES = (b"Connection closed by peer", b"Connection reset by peer", b"Broken pipe", b"Socket closed")
+
+
+def _relay_stderr(pipe, seen: list) -> None:
+    """Pass the workers' and torchrun's stderr through as it comes, until a worker prints its
+    one-line `megatron <cmd>: error: ...`. From then on only further distinct errors pass: the
+    same error from every rank is said once, the other ranks' lost-connection echoes and torchrun's
+    ChildFailedError traceback are dropped (`--debug` / MEGASWIFT_DEBUG=1 keep everything)."""
+    out = sys.stderr.buffer
+    buf, done = b"", 0          # unfinished output; how much of it is already written
+    while chunk := os.read(pipe.fileno(), 65536):
+        buf += chunk
+        pos = 0
+        while (nl := buf.find(b"\n", pos)) >= 0:
+            line = buf[pos:nl]
+            if _ERROR.match(line):
+                if not seen:
+                    out.write(buf[done:nl + 1])
+                    done = nl + 1
+                    seen.append(line)
+                elif line not in seen and not any(e in line for e in _ECHOES):
+                    seen.append(line)
+                    out.write(line + b"\n")
+            pos = nl + 1
+        if not seen:
+            out.write(buf[done:])  # as it comes: progress bars redraw with \r, without a newline
+        out.flush()
+        buf = buf[pos:]
+        done = len(buf) if not seen else 0
+
+
+def _launch_torchrun(argv: list[str], debug: bool = False) -> int:
     env = os.environ
     cmd = [sys.executable, "-m", "torch.distributed.run",
            f"--nproc_per_node={env['NPROC_PER_NODE']}",
@@ -40,7 +75,10 @@ def _launch_torchrun(argv: list[str]) -> int:
     # torchrun gets a session of its own, so a terminal's Ctrl-C reaches this process only, and
     # signals go past torchrun to its workers: torchrun's own handler would kill them after
     # --shutdown_timeout (30 s) and exit 1 even when they saved cleanly.
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    proc = subprocess.Popen(cmd, start_new_session=True, stderr=None if debug else subprocess.PIPE)
+    relay = None if debug else threading.Thread(target=_relay_stderr, args=(proc.stderr, seen := []), daemon=True)
+    if relay is not None:
+        relay.start()
 
     def forward(signum, _frame):
         import psutil
@@ -58,7 +96,12 @@ def _launch_torchrun(argv: list[str]) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        return proc.wait()
+        code = proc.wait()
+        if relay is not None:
+            relay.join()
+            if code and seen:  # a worker's one-line error: exit as a single process would
+                return 2
+        return code
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -85,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     nnodes = int(os.environ.get("NNODES", "1"))
     if (nproc > 1 or nnodes > 1) and "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
         os.environ.setdefault("NPROC_PER_NODE", str(nproc))
-        return _launch_torchrun(argv)  # one process per node on several nodes is a job too
+        return _launch_torchrun(argv, debug)  # one process per node on several nodes is a job too
     # megatron-core warns at import about TE/Apex being absent and deprecated flags; on the
     # non-TE path that is expected noise that buries the command's own output.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")

@@ -88,6 +88,21 @@ def test_every_row_too_long(model_dir, tmp_path):
     assert "40/40 rows have no trained tokens left after --truncation_strategy right to --max_length 256" in line
 
 
+def test_error_of_one_rank_under_torchrun_is_one_line(model_dir, tmp_path):
+    """Rank 0 finds the data unusable while rank 1 waits for it: the user sees the one error line
+    (exit 2), not rank 1's lost connection nor torchrun's ChildFailedError traceback."""
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"query": "word " * 300, "response": "ok"}) + "\n" for _ in range(8)))
+    proc = run_megatron(["sft", "--model", str(model_dir), "--dataset", str(data), "--save", str(tmp_path / "run"),
+                         "--train_iters", "1", "--global_batch_size", "2", "--micro_batch_size", "1",
+                         "--max_length", "256", "--add_version", "false", "--tensor_model_parallel_size", "2"],
+                        nproc=2)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "ChildFailedError" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
+    line = _error_line(proc, tmp_path / "run")
+    assert "no usable training rows" in line and "7/7 rows as too long" in line, line  # 1 of 8 held out
+
+
 def test_rows_dropped_for_mixed_reasons(model_dir, tmp_path):
     data = tmp_path / "mixed.jsonl"
     rows = [{"query": "q " * 400, "response": "r"}] * 3 + [{"query": "no answer"}] * 2

@@ -75,3 +75,26 @@ def test_megatron_swift_sft_example_runs_as_written(qwen_mcore):
     assert int((run / TRACKER).read_text()) == 3
     ok(run_megatron(["export", "--load", str(run), "--to_hf", "true", "--save", str(qwen_mcore / "hf-out")]))
     assert (qwen_mcore / "hf-out" / "config.json").is_file()
+
+
+def test_megatron_swift_pretrain_example_runs_as_written(qwen_mcore):
+    """The shape of Megatron-SWIFT's `megatron pt` example (packing, flash attention, periodic eval on
+    held-out rows), with the iteration, batch and length sizes of a tiny model."""
+    c4 = fetch_llamafactory_data() / "c4_demo.jsonl"
+    proc = _megatron([
+        "pt", "--load", "Qwen2.5-7B-Instruct-mcore", "--dataset", f"{c4}#64",
+        "--tensor_model_parallel_size", "2", "--micro_batch_size", "1", "--global_batch_size", "4",
+        "--packing", "true", "--recompute_granularity", "selective", "--train_iters", "4", "--eval_iters", "2",
+        "--finetune", "true", "--cross_entropy_loss_fusion", "true", "--lr", "1e-5", "--lr_warmup_iters", "1",
+        "--min_lr", "1e-6", "--save", "megatron_output/Qwen2.5-7B", "--eval_interval", "2", "--save_interval", "2",
+        "--max_length", "2048", "--num_workers", "8", "--dataset_num_proc", "2", "--no_save_optim", "true",
+        "--no_save_rng", "true", "--sequence_parallel", "true", "--attention_backend", "flash",
+    ], cwd=qwen_mcore, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "--attention_backend flash: needs TransformerEngine" in proc.stderr
+    runs = list((qwen_mcore / "megatron_output" / "Qwen2.5-7B").glob("v0-*"))
+    assert len(runs) == 1, runs
+    losses, evals = logged(runs[0]), logged(runs[0], "eval_loss")
+    assert sorted(losses) == [1, 2, 3, 4] and sorted(evals) == [2, 4], (losses, evals)
+    assert all(0 < v < 20 for v in [*losses.values(), *evals.values()])
+    assert int((runs[0] / TRACKER).read_text()) == 4
