@@ -34,7 +34,7 @@ class TrainArgs:
     micro_batch_size: int = field(default=1, metadata={"help": "Samples per micro-batch per data-parallel rank."})
     global_batch_size: int = field(default=16, metadata={"help": "Samples per optimizer step over all data-parallel ranks."})
     train_iters: Optional[int] = field(default=None, metadata={"help": "Optimizer steps (or use --max_epochs)."})
-    max_epochs: Optional[int] = field(default=None, metadata={"help": "Epochs over the data; sets --train_iters."})
+    max_epochs: Optional[int] = field(default=None, metadata={"help": "Epochs over the data: sets --train_iters when it is not given, and stops training when reached even with --train_iters (Megatron-SWIFT)."})
     seed: int = field(default=42, metadata={"help": "Random seed."})
     lr: Optional[float] = field(default=None, metadata={"help": "Peak learning rate (default 1e-5 full, 1e-4 LoRA)."})
     min_lr: float = field(default=0.0, metadata={"help": "Floor of the decayed learning rate."})
