@@ -70,6 +70,25 @@ def test_truncation_strategies(tokenizer, tmp_path):
     assert stats.dropped == {"no trained tokens": 1}  # right truncation cut the whole answer
 
 
+def test_held_out_rows_that_all_drop_mean_no_evaluation(tokenizer, tmp_path, caplog):
+    """The default --split_dataset_ratio 0.01 holds out one row here; when it is too long the run
+    trains without evaluation (one warning), while a --val_dataset with no usable row is an error."""
+    rows = [{"query": "word " * 60, "response": "ok"}] * 10 + [{"query": "hi", "response": "hello"}] * 90
+    path = _write(tmp_path / "d.jsonl", rows)
+    seen = set()
+    for seed in range(20):  # a seed whose held-out row is a long one
+        train, val, stats = build_datasets(DataArgs(dataset=[path], max_length=40, data_seed=seed), tokenizer)
+        seen.add(val is None)
+        if val is None:
+            assert "training without evaluation" in caplog.text and stats.val is None
+            assert stats.rows + stats.dropped["too long"] == 99
+            break
+    assert True in seen, "no seed held out a long row"
+    long = _write(tmp_path / "long.jsonl", [{"query": "word " * 60, "response": "ok"}] * 2)
+    with pytest.raises(ValueError, match="no usable validation rows in .*long.jsonl"):
+        build_datasets(DataArgs(dataset=[path], val_dataset=[long], max_length=40), tokenizer)
+
+
 def test_lazy_and_streaming_match_eager(tokenizer):
     alpaca = str(fetch_llamafactory_data() / "alpaca_en_demo.json") + "#20"
     eager, _, _ = build_datasets(data_args(dataset=[alpaca]), tokenizer)

@@ -269,6 +269,14 @@ def finish_datasets(train, val, data: DataArgs, stats: tuple, dropped: tuple, ca
     is an error naming the sources and why rows were dropped; then packing into rows of
     ``capacity`` (``pack`` for datasets, ``packed_stream`` for streams); returns (train, val, stats)."""
     (train_stats, val_stats), (train_dropped, val_dropped) = stats, dropped
+    if isinstance(val, datasets.Dataset) and len(val) == 0 and not data.val_dataset:
+        # rows held out by --split_dataset_ratio (its default is 0.01: often one row) that all dropped:
+        # the run trains without evaluation rather than failing on a validation set nobody asked for
+        logger.warning("no usable validation rows among those --split_dataset_ratio %s held out (%s): training "
+                       "without evaluation; pass --val_dataset or a larger --split_dataset_ratio for one",
+                       data.split_dataset_ratio, drop_summary(val_stats.dropped, sum(val_stats.dropped.values()),
+                                                              data.max_length, data.truncation_strategy))
+        val = None
     for ds, what, specs, st, counts in ((train, "training", data.dataset, train_stats, train_dropped),
                                        (val, "validation", data.val_dataset or data.dataset, val_stats, val_dropped)):
         what = f"{what} {kind}".strip()
