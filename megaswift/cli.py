@@ -76,8 +76,10 @@ def _launch_torchrun(argv: list[str], debug: bool = False) -> int:
     # signals go past torchrun to its workers: torchrun's own handler would kill them after
     # --shutdown_timeout (30 s) and exit 1 even when they saved cleanly.
     proc = subprocess.Popen(cmd, start_new_session=True, stderr=None if debug else subprocess.PIPE)
-    relay = None if debug else threading.Thread(target=_relay_stderr, args=(proc.stderr, seen := []), daemon=True)
-    if relay is not None:
+    seen: list[bytes] = []   # the workers' error lines
+    relay = None
+    if not debug:
+        relay = threading.Thread(target=_relay_stderr, args=(proc.stderr, seen), daemon=True)
         relay.start()
 
     def forward(signum, _frame):
