@@ -29,7 +29,7 @@ from megaswift.converters.hf_io import CheckpointError, HFReader, copy_side_file
 from megaswift.logging_utils import log
 from megaswift.model.config import check_arch, check_layout, check_sliding_window, transformer_config
 from megaswift.model.source import resolve_source
-from megaswift.runtime.context import precision_aware_optimizer
+from megaswift.runtime.context import moe_kernels, precision_aware_optimizer
 from megaswift.runtime.context import resolve as resolve_runtime
 from megaswift.runtime.distributed import barrier, destroy_distributed, init_distributed, is_rank0
 from megaswift.runtime.save_dir import check_save
@@ -217,8 +217,10 @@ def train(job: Job) -> int:
     _check_adapters(job, source)
     hf = source.model(job.model.make_vocab_size_divisible_by, job.parallel.tensor_model_parallel_size)
     check_layout(job.parallel, hf_config, hf.family, job.moe, training=True)
-    check_arch(job.arch, transformer_config(hf_config, hf.family, job.parallel.sizes(), torch.float32,
-                                            **job.moe.config_fields(hf.family.config_fields(hf_config))),
+    runtime = _runtime(job)
+    # the MoE speed options as this machine runs them (megatron-core refuses e.g. permute fusion without TE)
+    moe_fields, _ = moe_kernels(job.moe.config_fields(hf.family.config_fields(hf_config)), runtime)
+    check_arch(job.arch, transformer_config(hf_config, hf.family, job.parallel.sizes(), torch.float32, **moe_fields),
                hf_config, hf.dims.padded_vocab_size)
     if not source.is_checkpoint:
         HFReader(src).close()  # reads the safetensors headers: a truncated or corrupt file fails here
@@ -231,7 +233,6 @@ def train(job: Job) -> int:
     budget = job.data.resolved_packing_length if job.data.packing else job.data.max_length
     job.parallel.validate_sequence_budget(budget)
     check_sliding_window(hf_config, budget)
-    runtime = _runtime(job)
     precision_aware_optimizer(job.megatron, runtime)   # refused before any work where it cannot run
     if default_length:
         log(f"--max_length {longest}: the model's max_position_embeddings (pass --max_length to change it)")
