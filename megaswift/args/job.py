@@ -39,11 +39,6 @@ class Job:
             ("runtime", "runtime"), ("tuner", "tuner"), ("rlhf", "rlhf"), ("moe", "moe"), ("megatron", "megatron"),
             ("arch", "arch"), ("swift", "swift")) if getattr(self, g) is not None}}
 
-    @property
-    def groups(self) -> tuple:
-        return tuple(g for g in (self.model, self.parallel, self.data, self.train, self.runtime, self.tuner,
-                                 self.rlhf, self.moe, self.megatron, self.arch, self.swift) if g is not None)
-
 
 GROUPS = (ModelArgs, ParallelArgs, DataArgs, TrainArgs, RuntimeArgs, TunerArgs, MoEArgs, MegatronArgs, ArchArgs,
           SwiftArgs)

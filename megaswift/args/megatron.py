@@ -252,9 +252,6 @@ class SwiftArgs:
                                                             "choices": ("swift", "jinja")})
 
 
-GROUPS = (MegatronArgs, ArchArgs, SwiftArgs)
-
-
 def check_flags(groups, explicit_of) -> None:
     """Refused flags set to anything but their default are errors; no-effect ones given on the command
     line are logged once (whatever their value: the user asked for something that does not happen here)."""
